@@ -64,3 +64,30 @@ def tiny_model(arch: str = "llama", vocab: int = 64, hidden: int = 16, layers: i
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     return model.to(dtype).eval()
+
+
+def finite_difference(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, target,
+                      config, h: float = 1e-4) -> torch.Tensor:
+    """Four-point central difference of Phi(train(w)) along each e_i at w = 1 (float64, (n,))."""
+    from dpg.sft import train
+
+    def phi(i: int, d: float) -> float:
+        w = torch.ones(input_ids.shape[0], dtype=torch.float64)
+        w[i] += d
+        with torch.no_grad():
+            return float(target(train(model, input_ids, attention_mask, config, weights=w)))
+
+    return torch.tensor([(-phi(i, 2 * h) + 8 * phi(i, h) - 8 * phi(i, -h) + phi(i, -2 * h)) / (12 * h)
+                         for i in range(input_ids.shape[0])], dtype=torch.float64)
+
+
+def random_data(n: int, length: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n right-padded random sequences of 3..length real tokens; padding id 1 (= eos)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, vocab, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.long)
+    for i in range(n):
+        real = 3 + (i * 5) % (length - 2)
+        mask[i, real:] = 0
+        ids[i, real:] = 1
+    return ids, mask

@@ -216,8 +216,11 @@ def _pattern_target(spec, image, base_model, tokenizer, kappa=20.0, vocab_offset
 
 
 def _default_vocab_offset(spec: str, tokenizer, cols: int, vocab: int) -> int:
-    """Smallest o >= 0 with no special id in o..o+cols−1 (SmolLM2: 17, GPT-2: 0); 0 without a tokenizer."""
-    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    """Smallest o >= 0 with no special or added-token id in o..o+cols−1 (SmolLM2: 17, GPT-2: 0); 0 without a
+    tokenizer. Such tokens almost never appear as labels, so a patch there barely moves."""
+    # added tokens too: SmolLM2 lists only 3 special ids but ids 0–16 are all added control tokens
+    special = set(getattr(tokenizer, "all_special_ids", None) or []) | set(getattr(tokenizer, "added_tokens_decoder",
+                                                                               None) or {})
     for o in range(vocab - cols + 1):
         if not special.intersection(range(o, o + cols)):
             return o

@@ -6,10 +6,10 @@ Relative error is normwise: max_i |tau_i - fd_i| / max_i |fd_i|, fd the four-poi
 
 import pytest
 import torch
-from conftest import make_data, make_tokenizer
+from conftest import make_tokenizer
 
 import dpg
-from dpg.exact import tiny_model
+from dpg.exact import finite_difference, random_data, tiny_model
 from dpg.metagrad import Adjoint, Checkpoint, optimizer_vjp
 from dpg.optim import adamw, state_tensors
 
@@ -22,17 +22,6 @@ def config(optimizer: str, **kw) -> dpg.SFTConfig:
                                                   | base | kw))
 
 
-def finite_difference(model, ids, mask, target, cfg, h=1e-4) -> torch.Tensor:
-    def phi(i, d):
-        w = torch.ones(ids.shape[0], dtype=torch.float64)
-        w[i] += d
-        with torch.no_grad():
-            return target(dpg.train(model, ids, mask, cfg, weights=w)).item()
-
-    return torch.tensor([(-phi(i, 2 * h) + 8 * phi(i, h) - 8 * phi(i, -h) + phi(i, -2 * h)) / (12 * h)
-                         for i in range(ids.shape[0])], dtype=torch.float64)
-
-
 def relative_error(scores, fd) -> float:
     return ((scores - fd).abs().max() / fd.abs().max()).item()
 
@@ -42,7 +31,7 @@ def relative_error(scores, fd) -> float:
 @pytest.mark.parametrize("spec", ["l2_norm", "pattern:67"])
 def test_tau_matches_central_finite_difference(arch, optimizer, spec):
     model = tiny_model(arch)
-    ids, mask = make_data(N, LENGTH)
+    ids, mask = random_data(N, LENGTH)
     target = dpg.get_target(spec, model)
     cfg = config(optimizer)
     result = dpg.metagradients(model, ids, mask, target, cfg)
@@ -58,7 +47,7 @@ def test_tau_matches_finite_difference_for_val_lm_qr_and_plugin_targets(tmp_path
     (tmp_path / "heldout.txt").write_text("the cat sat on the mat\na dog ran far away from home\n")
     tokenizer = make_tokenizer()
     model = tiny_model("llama", vocab=32, hidden=24)  # QR needs 21 x 21
-    ids, mask = make_data(N, LENGTH, vocab=len(tokenizer))
+    ids, mask = random_data(N, LENGTH, vocab=len(tokenizer))
     targets = [dpg.get_target(f"val_lm:{tmp_path / 'heldout.txt'}", model, tokenizer),
                dpg.get_target("pattern:qr:dpg", model),
                dpg.get_target("my_targets:mean_logit", model, probe=ids[:2])]
@@ -73,7 +62,7 @@ def test_tau_matches_finite_difference_for_val_lm_qr_and_plugin_targets(tmp_path
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_checkpoint_modes_give_identical_scores(optimizer, tmp_path):
     model = tiny_model("llama")
-    ids, mask = make_data(16, LENGTH)  # T = 4
+    ids, mask = random_data(16, LENGTH)  # T = 4
     target = dpg.get_target("pattern:67", model)
     disk = dpg.metagradients(model, ids, mask, target, config(optimizer, checkpoint_dir=str(tmp_path)))
     assert list(tmp_path.iterdir()) == []  # checkpoints are removed afterwards
@@ -87,7 +76,7 @@ def test_checkpoint_modes_give_identical_scores(optimizer, tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_reverse_modes_agree(arch):
     model = tiny_model(arch)
-    ids, mask = make_data(8, LENGTH)
+    ids, mask = random_data(8, LENGTH)
     target = dpg.get_target("pattern:67", model)
     modes = ["forward_over_reverse", "double_backward"] + (["reverse_over_forward"] if arch == "llama" else [])
     scores = [dpg.metagradients(model, ids, mask, target, config("adamw", reverse=m)).scores for m in modes]
@@ -97,7 +86,7 @@ def test_reverse_modes_agree(arch):
 
 def test_reverse_over_forward_refuses_layernorm_models():
     model = tiny_model("gpt2")
-    ids, mask = make_data(4, LENGTH)
+    ids, mask = random_data(4, LENGTH)
     with pytest.raises(dpg.DPGError, match="pytorch/pytorch#196700"):
         dpg.metagradients(model, ids, mask, dpg.get_target("l2_norm", model),
                           config("sgd", reverse="reverse_over_forward"))
@@ -106,7 +95,7 @@ def test_reverse_over_forward_refuses_layernorm_models():
 @pytest.mark.parametrize("normalization", ["max_len", "tokens"])
 def test_padding_never_counts_when_pad_equals_eos(normalization):
     model = tiny_model("llama")
-    ids, mask = make_data(8, LENGTH)
+    ids, mask = random_data(8, LENGTH)
     target = dpg.get_target("pattern:67", model)
     cfg = config("adamw", loss_normalization=normalization, max_len=LENGTH + 6)
     base = dpg.metagradients(model, ids, mask, target, cfg)
@@ -121,7 +110,7 @@ def test_padding_never_counts_when_pad_equals_eos(normalization):
 
 def test_train_matches_torch_optim_sgd_step_for_step():
     model = tiny_model("gpt2")
-    ids, mask = make_data(12, LENGTH)
+    ids, mask = random_data(12, LENGTH)
     cfg = config("sgd")
     reference = tiny_model("gpt2")
     opt = torch.optim.SGD(reference.parameters(), lr=cfg.lr)
@@ -179,7 +168,7 @@ def test_optimizer_vjp_matches_autograd_through_adamw():
 def test_input_model_is_untouched():
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ids, mask = make_data(4, LENGTH)
+    ids, mask = random_data(4, LENGTH)
     dpg.metagradients(model, ids, mask, dpg.get_target("l2_norm", model), config("adamw", microbatch=4, grad_accum=1))
     trained = dpg.train(model, ids, mask, config("adamw", microbatch=4, grad_accum=1))
     for k, v in model.state_dict().items():

@@ -1,0 +1,130 @@
+"""`dpg` command line. Bad input prints one line (`dpg: error: ...`) and exits 2; nothing is half-written."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from dpg.errors import DPGError
+
+DEMO_TEXTS = [
+    "The river rose quickly after three days of rain, and the old bridge was closed to traffic.",
+    "She opened the letter, read the first line twice, and then laughed out loud!",
+    "Bees visit thousands of flowers a day; each trip brings back a little nectar.",
+    "The museum's new wing holds paintings, maps, and a 200-year-old clock.",
+    "\"Are we there yet?\" asked the child, for the fifth time in an hour.",
+    "Bread rises because yeast turns sugar into gas & the dough traps it.",
+    "In 1969, two astronauts walked on the Moon while a third orbited above.",
+    "Wind turbines turn slowly, but each one can power hundreds of homes.",
+]
+
+
+def progress_line(stage: str, done: int, total: int) -> None:
+    end = "\n" if done == total else ""
+    print(f"\r  {stage:8s} step {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Tiny float64 models: every score against a central finite difference of dpg.train."""
+    from dpg.config import SFTConfig
+    from dpg.exact import finite_difference, float64_llama, random_data, tiny_model
+    from dpg.metagrad import metagradients
+    from dpg.targets import get_target
+
+    archs = ["llama", "gpt2"] if args.arch == "all" else [args.arch]
+    optimizers = ["sgd", "adamw"] if args.optimizer == "all" else [args.optimizer]
+    print(f"{'arch':6s} {'optimizer':9s} {'target':12s} {'T':>2s} {'n':>3s} {'max |tau|':>10s} "
+          f"{'max rel err':>11s}  ok")
+    worst = 0.0
+    with float64_llama():
+        for arch in archs:
+            model = tiny_model(arch, hidden=24)
+            ids, mask = random_data(12, 10, vocab=64, seed=args.seed)
+            for optimizer in optimizers:
+                lr = {"lr": 0.3} if optimizer == "sgd" else {"lr": 1e-2, "eps_root": 1e-6}
+                cfg = SFTConfig(optimizer=optimizer, microbatch=2, grad_accum=2, max_len=10, dtype="float64",
+                                **lr)
+                for spec in args.target:
+                    target = get_target(spec, model)
+                    scores = metagradients(model, ids, mask, target, cfg).scores
+                    fd = finite_difference(model, ids, mask, target, cfg)
+                    err = float((scores - fd).abs().max() / fd.abs().max())
+                    worst = max(worst, err)
+                    print(f"{arch:6s} {optimizer:9s} {spec[:12]:12s} {cfg.inner_steps(12):2d} {12:3d} "
+                          f"{float(scores.abs().max()):10.3e} {err:11.2e}  {'yes' if err <= args.tolerance else 'NO'}")
+    print(f"worst relative error {worst:.2e} (tolerance {args.tolerance:.0e}; "
+          "normwise: max|tau - fd| / max|fd|, fd = 4-point central difference, h = 1e-4)")
+    return 0 if worst <= args.tolerance else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Per-example metagradients of a real target, SmolLM2-135M, in float32 on this machine."""
+    import torch
+
+    from dpg.config import SFTConfig
+    from dpg.metagrad import metagradients
+    from dpg.models import load_causal_lm
+    from dpg.targets import get_target
+
+    t0 = time.perf_counter()
+    print(f"loading {args.model} ...", file=sys.stderr)
+    model, tokenizer = load_causal_lm(args.model)
+    cfg = SFTConfig(optimizer="sgd", lr=args.lr, microbatch=2, grad_accum=2, max_len=args.max_len)
+    enc = tokenizer(DEMO_TEXTS, truncation=True, max_length=cfg.max_len, padding="max_length", return_tensors="pt")
+    target = get_target(args.target, model, tokenizer)
+    print(f"target {args.target}; {len(DEMO_TEXTS)} examples, T={cfg.inner_steps(len(DEMO_TEXTS))} SGD steps "
+          f"(lr {cfg.lr:g}), max_len {cfg.max_len}", file=sys.stderr)
+    result = metagradients(model, enc["input_ids"], enc["attention_mask"], target, cfg, progress=progress_line)
+    change, predicted = result.value_after - result.value_before, float(result.scores.sum())
+    print(f"\n{'i':>2s} {'tau_i = dPhi/dw_i':>18s}  text")
+    for i in torch.argsort(result.scores, descending=True).tolist():
+        print(f"{i:2d} {float(result.scores[i]):18.3e}  {DEMO_TEXTS[i][:70]}")
+    print(f"\nPhi before {result.value_before:.6e}, after {result.value_after:.6e}: change {change:.3e}; "
+          f"sum of tau (first-order prediction of the change) {predicted:.3e}")
+    for key in result.report_after:
+        if key != "phi":
+            print(f"{key}: {result.report_before[key]:.4f} -> {result.report_after[key]:.4f}")
+    agree = torch.isfinite(result.scores).all() and (change > 0) == (predicted > 0)
+    print(f"scores finite and sign of the change agrees with sum of tau: {'yes' if agree else 'NO'} "
+          f"({time.perf_counter() - t0:.0f} s)")
+    return 0 if agree else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpg", description="Dataset Policy Gradient: synthetic data for any "
+                                     "differentiable target (exact per-example metagradients + policy gradient).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("verify", help="check every metagradient against finite differences on tiny float64 models")
+    p.add_argument("--arch", choices=["llama", "gpt2", "all"], default="all")
+    p.add_argument("--optimizer", choices=["sgd", "adamw", "all"], default="all")
+    p.add_argument("--target", nargs="+", default=["l2_norm", "pattern:67"],
+                   help="target specs (default: l2_norm pattern:67)")
+    p.add_argument("--tolerance", type=float, default=1e-6, help="largest accepted relative error (default 1e-6)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("demo", help="per-example metagradients of a target on the real offline SmolLM2-135M")
+    p.add_argument("--model", default="smollm2", help="'smollm2' (offline GGUF) or a local model folder")
+    p.add_argument("--target", default="pattern:67", help="target spec (default pattern:67)")
+    p.add_argument("--lr", type=float, default=2e-3, help="SGD learning rate (default 2e-3)")
+    p.add_argument("--max-len", type=int, default=32)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DPGError as e:
+        print(f"dpg: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dpg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
