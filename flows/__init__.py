@@ -1,0 +1,1 @@
+"""Prefect flows: the outer-iteration flow and the long-running optimization flow (composition only)."""
