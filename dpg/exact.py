@@ -81,7 +81,7 @@ def finite_difference(model: nn.Module, input_ids: torch.Tensor, attention_mask:
                          for i in range(input_ids.shape[0])], dtype=torch.float64)
 
 
-def random_data(n: int, length: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def random_data(n: int, length: int, vocab: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """n right-padded random sequences of 3..length real tokens; padding id 1 (= eos)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, vocab, (n, length), generator=g)

@@ -42,7 +42,9 @@ from dpg.sft import (
     load_weights,
     make_optimizer,
     microbatches,
+    model_device,
     prepare,
+    release_weights,
     step_grad,
     steps,
     working_copy,
@@ -141,19 +143,22 @@ def metric_grad(work: nn.Module, theta: Params, target: Target) -> tuple[float, 
 def optimizer_vjp(opt: Optimizer, c: Checkpoint, adj: Adjoint) -> tuple[Adjoint, Params]:
     """VJP of (theta_{t+1}, state_{t+1}) = update(theta_t, state_t, g_t): adjoints at t and u.
 
-    The update is elementwise, so it is differentiated one parameter at a time (small peak memory).
+    The update is elementwise, so it is differentiated one parameter at a time, and each input is
+    released as soon as it is used: `adj`, `c.state`'s moments and `c.g` are consumed (emptied);
+    `c.theta` is kept for the sweep. Peak memory stays near one parameter copy above the inputs.
     """
     adj_theta, adj_moments, u = {}, tuple({} for _ in adj.moments), {}
-    for k in c.theta:
+    moments = state_tensors(c.state)
+    for k in list(c.theta):
         def one(theta_k, moments_k, g_k, k=k):
             state = with_tensors(c.state, tuple({k: m} for m in moments_k))
             new, new_state = opt.update({k: theta_k}, state, {k: g_k})
             return new[k], tuple(m[k] for m in state_tensors(new_state))
 
         # SGD's update is linear in g, so its VJP needs no g_t: any tensor of the right shape serves.
-        g_k = c.g[k] if c.g is not None else c.theta[k]
-        _, pullback = vjp(one, c.theta[k], tuple(m[k] for m in state_tensors(c.state)), g_k)
-        d_theta, d_moments, d_g = pullback((adj.theta[k], tuple(m[k] for m in adj.moments)))
+        g_k = c.g.pop(k) if c.g is not None else c.theta[k]
+        _, pullback = vjp(one, c.theta[k], tuple(m.pop(k) for m in moments), g_k)
+        d_theta, d_moments, d_g = pullback((adj.theta.pop(k), tuple(m.pop(k) for m in adj.moments)))
         adj_theta[k], u[k] = d_theta, d_g
         for out, d in zip(adj_moments, d_moments):
             out[k] = d
@@ -207,7 +212,7 @@ def metagradients(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, t
                   config: SFTConfig, weights: Tensor | None = None,
                   progress: Progress | None = None) -> MetagradResult:
     """tau_i = dPhi(train(model, data, w)) / dw_i for every example, exactly (see the module docstring)."""
-    batch = prepare(input_ids, attention_mask, config, weights)
+    batch = prepare(input_ids, attention_mask, config, weights, device=model_device(model))
     if config.reverse == "reverse_over_forward" and any(isinstance(m, nn.LayerNorm) for m in model.modules()):
         raise DPGError("sft.reverse='reverse_over_forward' gives wrong second derivatives through nn.LayerNorm "
                        "(pytorch/pytorch#196700); use sft.reverse='forward_over_reverse'")
@@ -230,6 +235,7 @@ def metagradients(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, t
         theta_T = unrolled_sft(work, theta0, batch, config, opt, save, progress)
         value_after, a = metric_grad(work, theta_T, target)
         report_after = _report(target, work)
+        release_weights(work)  # the reverse pass calls the model functionally; drop theta_T now
         adj = Adjoint(a, tuple({key: torch.zeros_like(v) for key, v in m.items()}
                                for m in state_tensors(opt.init(theta_T))))
         del theta_T, a
@@ -247,7 +253,7 @@ def metagradients(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, t
                     c = Checkpoint(*opt.update(c.theta, c.state, g), None)
             for t, c in reversed(segment):
                 adj, tau_t = reverse_step(work, opt, c, adj, batch, rows_of[t], config, t)
-                scores[rows_of[t]] += tau_t
+                scores[rows_of[t]] += tau_t.cpu()
                 done += 1
                 if progress:
                     progress("reverse", done, total)

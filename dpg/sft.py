@@ -40,8 +40,9 @@ def make_optimizer(config: SFTConfig) -> Optimizer:
     return adamw(config.lr, config.betas, config.eps, config.eps_root, config.decay)
 
 
-def prepare(input_ids: Tensor, attention_mask: Tensor, config: SFTConfig, weights: Tensor | None = None) -> Batch:
-    """Check the data against the config and crop pure-padding columns beyond max_len."""
+def prepare(input_ids: Tensor, attention_mask: Tensor, config: SFTConfig, weights: Tensor | None = None,
+            device: torch.device | str = "cpu") -> Batch:
+    """Check the data against the config, crop pure-padding columns beyond max_len, move it to `device`."""
     if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
         raise DPGError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
                        "must both be (n_examples, seq_len)")
@@ -64,7 +65,7 @@ def prepare(input_ids: Tensor, attention_mask: Tensor, config: SFTConfig, weight
     w = torch.ones(n) if weights is None else torch.as_tensor(weights).detach()
     if w.shape != (n,):
         raise DPGError(f"weights has shape {tuple(w.shape)}; expected ({n},), one per example")
-    return Batch(input_ids.long(), mask, w.to(config.torch_dtype))
+    return Batch(input_ids.long().to(device), mask.to(device), w.to(device, config.torch_dtype))
 
 
 def steps(batch: Batch, config: SFTConfig) -> Iterator[tuple[int, slice]]:
@@ -112,10 +113,16 @@ def step_grad(model: nn.Module, theta: Params, batch: Batch, rows: slice, config
 
 
 def check_finite(tensors: Params, what: str) -> None:
+    if torch.stack([torch.isfinite(v).all() for v in tensors.values()]).all():  # one device sync
+        return
     for k, v in tensors.items():
         if not torch.isfinite(v).all():
             raise DPGError(f"non-finite {what} in parameter {k}; "
                            "lower sft.lr, use float32/float64, or check the data")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def working_copy(model: nn.Module, config: SFTConfig) -> tuple[nn.Module, Params]:
@@ -125,6 +132,12 @@ def working_copy(model: nn.Module, config: SFTConfig) -> tuple[nn.Module, Params
                        "dpg needs a causal LM such as AutoModelForCausalLM")
     work = copy.deepcopy(model).to(config.torch_dtype).eval()  # eval: dropout off, replay is exact
     return work, {k: p.detach() for k, p in work.named_parameters()}
+
+
+def release_weights(work: nn.Module) -> None:
+    """Drop `work`'s own weights (it is only called functionally from here on)."""
+    for p in work.parameters():
+        p.data = p.data.new_empty(0)
 
 
 def load_weights(work: nn.Module, theta: Params, requires_grad: bool = True) -> nn.Module:
@@ -138,7 +151,7 @@ def load_weights(work: nn.Module, theta: Params, requires_grad: bool = True) -> 
 def train(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, config: SFTConfig,
           weights: Tensor | None = None, progress: Progress | None = None) -> nn.Module:
     """Weighted SFT; returns a new trained model in `config.dtype` and leaves `model` untouched."""
-    batch = prepare(input_ids, attention_mask, config, weights)
+    batch = prepare(input_ids, attention_mask, config, weights, device=model_device(model))
     work, theta = working_copy(model, config)
     opt = make_optimizer(config)
     state = opt.init(theta)

@@ -153,7 +153,9 @@ def test_optimizer_vjp_matches_autograd_through_adamw():
     g = {"a": torch.randn(6, dtype=torch.float64)}
     adj = Adjoint({"a": torch.randn(6, dtype=torch.float64)}, tuple({"a": torch.randn(6, dtype=torch.float64)}
                                                                    for _ in range(2)))
-    got, u = optimizer_vjp(opt, Checkpoint(theta, state, g), adj)
+    consumed = Checkpoint(dict(theta), type(state)(state.count, dict(state.m), dict(state.v)), dict(g))
+    got, u = optimizer_vjp(opt, consumed, Adjoint(dict(adj.theta), tuple(dict(m) for m in adj.moments)))
+    assert not consumed.g and not consumed.state.m and consumed.theta  # inputs released, theta kept
     leaves = [theta["a"].clone().requires_grad_(), *(m["a"].clone().requires_grad_() for m in state_tensors(state)),
               g["a"].clone().requires_grad_()]
     new, new_state = opt.update({"a": leaves[0]}, type(state)(state.count, {"a": leaves[1]}, {"a": leaves[2]}),
