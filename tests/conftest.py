@@ -31,3 +31,23 @@ def smollm2():
     from dpg.models import load_causal_lm
 
     return load_causal_lm("smollm2")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto) on 127.0.0.1: yields storage_options for s3fs; stopped at the end."""
+    import os
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="dpg-test")
+    yield {"client_kwargs": {"endpoint_url": endpoint}, "key": "testing", "secret": "testing"}
+    server.stop()
