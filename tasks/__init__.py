@@ -1,1 +1,1 @@
-"""Thin Prefect tasks: read inputs by URI, call one dpg function, persist records (Parquet via fsspec), log to MLflow."""
+"""Thin Prefect tasks: read inputs by URI, call one dpg function, persist records (Parquet), log to MLflow."""
