@@ -163,7 +163,9 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, prompt_ids
                   config: PolicyConfig, ref_model: nn.Module | None = None) -> dict[str, float]:
     """One GRPO update of `model` in place: `config.epochs` passes, each over shuffled minibatches.
 
-    Dropout is off (eval mode) so that, with old_logprobs from the same weights, r = 1 at the first step.
+    Dropout is off (eval mode) so that, with old_logprobs from the same weights, r = 1 at the first step;
+    `ref_model` (the initial generator, needed when kl_coef > 0 unless `model` is a peft model, whose
+    adapters are then switched off for the reference) should be in eval mode too.
     Every optimizer step clips the global gradient norm to `config.max_grad_norm`. Returns loss,
     clip_fraction, kl, ratio_mean (token means), grad_norm (mean pre-clip norm over steps) and steps.
     """
@@ -179,9 +181,9 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, prompt_ids
     params = [p for group in optimizer.param_groups for p in group["params"]]
     minibatch = min(config.minibatch or S, S)
     chunk = min(config.microbatch or minibatch, minibatch)
-    ref = _reference_logprobs(model, ref_model, prompt_ids, completion_ids, config.kl_coef, chunk, sequence_logprobs)
     was_training = model.training
     model.eval()
+    ref = _reference_logprobs(model, ref_model, prompt_ids, completion_ids, config.kl_coef, chunk, sequence_logprobs)
     totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "ratio_mean": 0.0, "grad_norm": 0.0, "tokens": 0.0}
     steps = 0
     try:
