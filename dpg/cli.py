@@ -91,10 +91,116 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if agree else 1
 
 
+def quiet_offline_env() -> None:
+    """Offline, telemetry-free defaults for Prefect, MLflow and Hugging Face (explicit settings win)."""
+    import os
+
+    for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+                       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                       "PREFECT_HOME": os.path.abspath(".dpg/prefect"),
+                       "PREFECT_LOGGING_LEVEL": "WARNING"}.items():
+        os.environ.setdefault(key, value)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run (or continue) a DPG optimization: config file < --set overrides; prints where everything went."""
+    from dpg.runconfig import load_config
+
+    cfg = load_config(args.config, args.set or [])
+    quiet_offline_env()
+    from flows.optimize import optimize
+
+    print(f"dpg run {cfg.run_id}: {cfg.outer_iterations} outer iterations, target {cfg.target.spec} on "
+          f"{cfg.target.model}, generator {cfg.generator.source}, rewards {cfg.rewards.name}", file=sys.stderr)
+    t0 = time.perf_counter()
+    optimize(cfg)
+    print_status(cfg)
+    print(f"\ndone in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Continue a stored run from its first incomplete stage (its config.json is the config)."""
+    import json
+
+    from dpg.runconfig import load_config
+    from tasks import io
+
+    try:
+        data = json.loads(io.read_bytes(io.join(args.run, "config.json")))
+    except FileNotFoundError:
+        raise DPGError(f"{args.run} holds no config.json; give a run folder, e.g. runs/dpg-<hash>") from None
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        if key not in ("outer_iterations",) and not key.startswith(("storage.", "tracking.", "execution.")):
+            raise DPGError(f"--set {key} would change the run's results; only outer_iterations, storage.*, "
+                           "tracking.* and execution.* can change on resume")
+    cfg = load_config(None, args.set or [], base=data)
+    quiet_offline_env()
+    from flows.optimize import optimize
+
+    optimize(cfg)
+    print_status(cfg)
+    return 0
+
+
+def print_status(cfg) -> None:
+    from tasks import io
+    from tasks.stages import run_url, stage_url
+    from tasks.tracking import tracking_uri
+
+    options = cfg.storage.storage_options
+    print(f"\nrun {cfg.run_id}  store {run_url(cfg)}")
+    print(f"{'iter':>4s}  {'stages done':32s} {'phi_after':>11s} {'metric':>18s} {'reward mean':>12s}")
+    for it in range(cfg.outer_iterations):
+        names = ["rollouts", *(f"sft-g{g}" for g in range(cfg.rollouts.n_rollouts)), "rewards", "generator",
+                 "report"]
+        stages = [n for n in names if io.read_manifest(stage_url(cfg, it, n), options) is not None]
+        m = (io.read_manifest(stage_url(cfg, it, "rewards"), options) or {}).get("meta", {}).get("metrics", {})
+        human = next(((k, v) for k, v in m.items() if k in ("pixel_accuracy", "val_loss", "l2_norm")), None)
+        print(f"{it:4d}  {len(stages)}/{len(names)} {','.join(s.split('-')[0] for s in stages)[:26]:26s} "
+              f"{m.get('phi_after', float('nan')):11.4g} "
+              f"{(f'{human[0]}={human[1]:.3g}' if human else ''):>18s} {m.get('reward_mean', float('nan')):12.3e}")
+    print(f"audit table: {stage_url(cfg, 0, 'rewards')}/<digest>.parquet (records.parquet in each manifest)")
+    uri = tracking_uri(cfg)
+    print(f"MLflow: {uri}   open with: mlflow ui --backend-store-uri {uri}")
+    print("Prefect: prefect server start   (then open http://127.0.0.1:4200; runs of this machine's PREFECT_HOME)")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from dpg.runconfig import DPGConfig
+    from tasks import io
+
+    try:
+        cfg = DPGConfig.from_dict(json.loads(io.read_bytes(io.join(args.run, "config.json"))))
+    except FileNotFoundError:
+        raise DPGError(f"{args.run} holds no config.json; give a run folder, e.g. runs/dpg-<hash>") from None
+    print_status(cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpg", description="Dataset Policy Gradient: synthetic data for any "
                                      "differentiable target (exact per-example metagradients + policy gradient).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run or continue a DPG optimization (Prefect flow, MLflow tracking)")
+    p.add_argument("config", nargs="?", help="YAML/JSON config file (default: the embedded main job)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set outer_iterations=5 --set sft.lr=0.1 (repeatable)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("resume", help="continue a stored run from its first incomplete stage")
+    p.add_argument("run", help="the run folder or URL, e.g. runs/dpg-1a2b3c4d5e6f or s3://bucket/prefix/dpg-...")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="only outer_iterations, storage.*, tracking.*, execution.* may change")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("status", help="stages done and metrics per iteration of a stored run")
+    p.add_argument("run", help="the run folder or URL")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("verify", help="check every metagradient against finite differences on tiny float64 models")
     p.add_argument("--arch", choices=["llama", "gpt2", "all"], default="all")

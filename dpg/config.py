@@ -89,12 +89,7 @@ class SFTConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], prefix: str = "sft") -> SFTConfig:
         """Build from a plain dict (e.g. parsed YAML); unknown keys are an error naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise DPGError(f"unknown key(s) {', '.join(f'{prefix}.{k}' for k in unknown)}; "
-                           f"valid keys: {', '.join(sorted(names))}")
-        return cls(**data)
+        return build(cls, data, prefix)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,6 +122,21 @@ class SFTConfig:
 
     def recompute_every(self, steps: int) -> int:
         return self.checkpoint_every or max(1, math.ceil(math.sqrt(steps)))
+
+
+def build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """`cls(**data)` for a config dataclass; unknown keys and wrong shapes are errors naming `prefix.key`."""
+    if not isinstance(data, dict):
+        raise DPGError(f"{prefix} must be a mapping of keys, not {type(data).__name__} {data!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise DPGError(f"unknown key(s) {', '.join(f'{prefix}.{k}' for k in unknown)}; "
+                       f"valid keys: {', '.join(sorted(names))}")
+    try:
+        return cls(**data)
+    except TypeError as e:  # e.g. a wrongly typed value that fails before validation
+        raise DPGError(f"{prefix}: {e}") from None
 
 
 def _real(x: Any) -> bool:

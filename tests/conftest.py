@@ -1,6 +1,7 @@
 """Shared test helpers: tiny models and data built in code, a word-level tokenizer, the float64 patch."""
 
 import pytest
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -51,3 +52,35 @@ def s3_server():
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="dpg-test")
     yield {"client_kwargs": {"endpoint_url": endpoint}, "key": "testing", "secret": "testing"}
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for the whole test session (PITFALLS: ~10 s to start)."""
+    import os
+    import tempfile
+
+    os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="dpg-prefect-"))
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_generator_dir(tmp_path_factory):
+    """A tiny random Llama generator + word-level tokenizer saved as a local model folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-generator")
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         bos_token_id=None, eos_token_id=1, pad_token_id=0,
+                                         attn_implementation="eager"))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

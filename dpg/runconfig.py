@@ -1,0 +1,277 @@
+"""The one config object of a DPG run: what the flow takes, what MLflow logs, what resume compares.
+
+Sections: `target`, `generator`, `prompts`, `rollouts`, `sft`, `rewards`, `policy`, `storage`,
+`tracking`, `execution`. Build it with `DPGConfig.from_dict` (unknown keys are errors naming them) or
+`load_config(path, overrides)`; `identity()` is what a resumed run must match (outer_iterations,
+storage credentials, tracking and execution may change between runs of the same optimization).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpg.config import SFTConfig, _int, _real, _require, build
+from dpg.errors import DPGError
+from dpg.generator import RolloutConfig
+from dpg.policy import PolicyConfig
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """The target model and its metric Phi (SPEC §4)."""
+
+    spec: str = "pattern:67"
+    """Target metric: l2_norm, pattern:67, pattern:qr:<text>, pattern:file:<path>, val_lm:<path>, or a plugin."""
+    model: str = "tiny"
+    """`tiny` (a small random Llama with the generator's vocabulary, seeded), `smollm2`, or a local model folder."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword options of the target (e.g. vocab_offset, kappa)."""
+    tiny_hidden: int = 64
+    """Hidden size of the `tiny` target."""
+    tiny_layers: int = 2
+    """Layers of the `tiny` target."""
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.spec, str) and self.spec != "", "spec", self.spec,
+                 "use e.g. 'pattern:67' or 'l2_norm'", prefix="target")
+        for key in ("tiny_hidden", "tiny_layers"):
+            _require(_int(getattr(self, key)) and getattr(self, key) >= 1, key, getattr(self, key),
+                     "use an integer >= 1", prefix="target")
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """The generator LM."""
+
+    source: str = "smollm2"
+    """`smollm2` (offline GGUF of SmolLM2-135M-Instruct), a local model folder, or a cached hub id."""
+    lora_rank: int | None = None
+    """LoRA adapter rank (peft); None fine-tunes every weight."""
+    lora_alpha: float | None = None
+    """LoRA alpha (default 2 * rank)."""
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """Where prompts come from (SPEC §5)."""
+
+    source: str | None = None
+    """Parquet/JSONL/CSV file, saved HF dataset folder or fsspec URL; None: the built-in English corpus."""
+    text_column: str = "text"
+    """Column holding the article text."""
+    per_iteration: int = 4
+    """Prompts per outer iteration (each gets rollouts.n_rollouts completions)."""
+    template: str | None = None
+    """Prompt template with `{text}`; None: 'rephrase this article in different terms' (SPEC §5)."""
+    max_prompt_tokens: int = 256
+    """Article text is cut so that the chat-formatted prompt fits in this many generator tokens."""
+
+    def __post_init__(self) -> None:
+        for key in ("per_iteration", "max_prompt_tokens"):
+            _require(_int(getattr(self, key)) and getattr(self, key) >= 1, key, getattr(self, key),
+                     "use an integer >= 1", prefix="prompts")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """How rollouts are rewarded (SPEC §3, §6, §7)."""
+
+    name: str = "dpg"
+    """dpg (per-example metagradients), naive, levenshtein, embedding, langid, or a plugin module:function."""
+    goal: str | None = None
+    """Goal text (levenshtein, embedding) or language code (langid)."""
+    eps_fraction: float = 1e-3
+    """Advantage epsilon as a fraction of the batch's reward std (raw dpg rewards are ~1e-9)."""
+
+    def __post_init__(self) -> None:
+        _require(_real(self.eps_fraction) and self.eps_fraction > 0, "eps_fraction", self.eps_fraction,
+                 "use a positive number, e.g. 1e-3", prefix="rewards")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where records and states go."""
+
+    url: str = "runs"
+    """A local folder or s3://bucket/prefix."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options (e.g. {"client_kwargs": {"endpoint_url": ...}}); never part of the run's identity."""
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking."""
+
+    uri: str | None = None
+    """Tracking URI; None: a sqlite file `mlflow.db` in the local run folder (or ./mlflow.db for S3 stores)."""
+    experiment: str = "dpg"
+    """MLflow experiment name."""
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """Where the stages run."""
+
+    mode: str = "inline"
+    """`inline`: every stage in this process; `workers`: GPU stages go to a Prefect work pool."""
+    gpu_pool: str = "dpg-gpu"
+    """Work pool of the SFT/attribution and generator-update stages in `workers` mode."""
+    cpu_pool: str = "dpg-cpu"
+    """Work pool of the optimization flow itself."""
+
+    def __post_init__(self) -> None:
+        _require(self.mode in ("inline", "workers"), "mode", self.mode, "use 'inline' or 'workers'",
+                 prefix="execution")
+
+
+SECTIONS = {"target": TargetConfig, "generator": GeneratorConfig, "prompts": PromptConfig,
+            "rollouts": RolloutConfig, "sft": SFTConfig, "rewards": RewardConfig, "policy": PolicyConfig,
+            "storage": StorageConfig, "tracking": TrackingConfig, "execution": ExecutionConfig}
+NOT_IDENTITY = ("outer_iterations", "storage", "tracking", "execution")
+
+
+@dataclass(frozen=True)
+class DPGConfig:
+    """A whole DPG optimization. The default is README's main job: SmolLM2 generator, tiny target, "67"."""
+
+    name: str = "dpg"
+    """Run name; the run folder is <storage.url>/<name>-<identity hash>."""
+    outer_iterations: int = 3
+    """Outer iterations to reach (a resumed or scheduled run continues up to this number)."""
+    seed: int = 0
+    """Seed of the tiny target's initialisation and of prompt selection."""
+    target: TargetConfig = field(default_factory=TargetConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    rollouts: RolloutConfig = field(default_factory=lambda: RolloutConfig(n_rollouts=4, max_new_tokens=48))
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(optimizer="sgd", lr=0.5, microbatch=2, grad_accum=1,
+                                                             max_len=64))
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+
+    def __post_init__(self) -> None:
+        _require(_int(self.outer_iterations) and self.outer_iterations >= 1, "outer_iterations",
+                 self.outer_iterations, "use an integer >= 1", prefix="config")
+        _require(isinstance(self.name, str) and self.name.replace("-", "").replace("_", "").isalnum(), "name",
+                 self.name, "use letters, digits, '-' and '_'", prefix="config")
+        group = self.prompts.per_iteration if self.rollouts.grouping == "inverse" else \
+            self.prompts.per_iteration * self.rollouts.n_rollouts
+        if self.rewards.name in ("dpg", "naive") and group % self.sft.step_size:
+            s = self.sft.step_size
+            raise DPGError(f"prompts.per_iteration={self.prompts.per_iteration} gives SFT groups of {group} examples "
+                           f"(rollouts.grouping={self.rollouts.grouping!r}), not a multiple of "
+                           f"sft.microbatch*sft.grad_accum={s}; change prompts.per_iteration (or rollouts.n_rollouts)"
+                           " so that it is")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DPGConfig:
+        """Nested dict (parsed YAML/JSON) -> config; every error names its dotted key."""
+        if not isinstance(data, dict):
+            raise DPGError(f"config must be a mapping of keys, not {type(data).__name__}")
+        data, defaults = dict(data), DPGConfig()
+        sections = {}
+        for k in [k for k in data if k in SECTIONS]:
+            given = data.pop(k) or {}
+            if not isinstance(given, dict):
+                raise DPGError(f"{k} must be a mapping of keys, not {type(given).__name__} {given!r}")
+            sections[k] = build(SECTIONS[k], dataclasses.asdict(getattr(defaults, k)) | given, k)
+        return build(cls, data | sections, "config")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The part of the config that defines the results (resume must match it exactly)."""
+        return {k: v for k, v in self.to_dict().items() if k not in NOT_IDENTITY}
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.name}-{self.hash}"
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values (MLflow params)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+
+def differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb, name = a.get(k), b.get(k), f"{prefix}{k}"
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += differing_keys(va, vb, name + ".")
+        elif json.dumps(va, default=str) != json.dumps(vb, default=str):  # tuples and lists compare equal
+            keys.append(name)
+    return keys
+
+
+def yaml_load(text: str) -> Any:
+    """YAML with YAML 1.2 floats: PyYAML reads `1e-3` (no dot) as a string, which surprises everyone."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^[-+]?(?:\d[\d_]*\.?[\d_]*(?:[eE][-+]?\d+)?|\.\d[\d_]*(?:[eE][-+]?\d+)?|\.inf|\.nan)$", re.X),
+        list("-+0123456789."))
+    Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?\d+$"), list("-+0123456789"))
+    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`sft.lr=1e-4` -> (["sft", "lr"], 1e-4); values are parsed as YAML (JSON works too)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise DPGError(f"override {item!r} is not KEY=VALUE; use e.g. --set sft.lr=1e-4")
+    return key.split("."), yaml_load(value)
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), base: dict[str, Any] | None = None) -> DPGConfig:
+    """Defaults < `base` or the YAML/JSON file at `path` < `overrides` (KEY=VALUE with dotted keys)."""
+    import yaml
+
+    data: dict[str, Any] = dict(base or {})
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise DPGError(f"config file {path!r} not found; give a YAML or JSON file")
+        try:
+            data = yaml_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise DPGError(f"config file {path!r} is not valid YAML/JSON: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise DPGError(f"config file {path!r} must hold a mapping of keys, not {type(data).__name__}")
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise DPGError(f"override {item!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return DPGConfig.from_dict(data)

@@ -1,0 +1,41 @@
+"""The DPG flows: an outer iteration (sample -> SFT + attribution per group -> advantages -> generator update ->
+tracking), and the long-running optimization that runs outer iterations up to `cfg.outer_iterations`.
+
+Every task skips work whose stage manifest is complete, so rerunning the same config, `dpg resume` or
+`prefect flow-run retry` continues from the first incomplete stage.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, runtime
+
+from dpg import loop
+from dpg.runconfig import DPGConfig
+from tasks.stages import compute_advantages, prepare_run, sample_rollouts, sft_group, update_generator
+from tasks.tracking import finish_tracking, log_iteration, start_tracking
+
+
+@flow(name="dpg-iteration", flow_run_name="{cfg.name}-iter-{it}", validate_parameters=True)
+def outer_iteration(cfg: DPGConfig, it: int, mlflow_run_id: str) -> str:
+    rollouts = sample_rollouts(cfg, it)
+    groups = [sft_group(cfg, it, rollouts, g) for g in loop.group_ids(cfg)]  # one SFT run per group
+    rewards = compute_advantages(cfg, it, rollouts, groups)
+    generator = update_generator(cfg, it, rollouts, rewards)
+    log_iteration(cfg, it, mlflow_run_id, rewards, generator)
+    return generator
+
+
+@flow(name="dpg-optimization", flow_run_name="{cfg.name}")
+def optimize(cfg: DPGConfig) -> str:
+    """Run (or continue) the optimization described by `cfg`; returns the last generator's stage URL."""
+    prepare_run(cfg)
+    mlflow_run_id = start_tracking(cfg, str(runtime.flow_run.id or ""))
+    generator = ""
+    try:
+        for it in range(cfg.outer_iterations):
+            generator = outer_iteration(cfg, it, mlflow_run_id)
+    except BaseException:
+        finish_tracking(cfg, mlflow_run_id, "FAILED")
+        raise
+    finish_tracking(cfg, mlflow_run_id)
+    return generator

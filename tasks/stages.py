@@ -1,0 +1,192 @@
+"""Prefect tasks, one per stage of an outer iteration. Each reads its inputs by URI, calls one dpg.loop
+function and writes its records as a stage (content-addressed files + a manifest written last).
+
+Idempotent by construction: a task whose stage already has a verified manifest returns it without
+recomputing, so a retried task, `prefect flow-run retry`, `dpg resume` or a rerun of the same config all
+continue from the first incomplete stage. The manifests are the cache (PITFALLS: Prefect's default cache
+only lives within one flow run), so the tasks use `NO_CACHE`. Only storage-bound work gets retries.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from dpg import loop
+from dpg.errors import DPGError
+from dpg.generator import load_generator
+from dpg.policy import load_policy_state, policy_optimizer, save_policy_state
+from dpg.records import Reward, Rollout, SFTRun, as_rows
+from dpg.runconfig import DPGConfig, differing_keys
+from tasks import io
+
+
+def run_url(cfg: DPGConfig) -> str:
+    return io.join(cfg.storage.url, cfg.run_id)
+
+
+def stage_url(cfg: DPGConfig, it: int, name: str) -> str:
+    return io.join(run_url(cfg), f"iter-{it:04d}", name)
+
+
+def done(cfg: DPGConfig, url: str) -> dict | None:
+    return io.verify_stage(url, cfg.storage.storage_options)
+
+
+@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def prepare_run(cfg: DPGConfig) -> str:
+    """Write the run's config.json, or check that an existing run has the same identity (resume)."""
+    url, options = io.join(run_url(cfg), "config.json"), cfg.storage.storage_options
+    try:
+        stored = json.loads(io.read_bytes(url, options))
+    except FileNotFoundError:
+        io.write_bytes(url, json.dumps(cfg.to_dict(), indent=1, sort_keys=True, default=str).encode(), options)
+        return run_url(cfg)
+    keys = differing_keys({k: v for k, v in stored.items() if k not in ("outer_iterations", "storage", "tracking",
+                                                                       "execution")}, cfg.identity())
+    if keys:
+        raise DPGError(f"run {cfg.run_id} at {run_url(cfg)} was started with a different config "
+                       f"({', '.join(keys)}); resume with the original config or start a new run")
+    return run_url(cfg)
+
+
+# --- models, cached per process (loading SmolLM2 from GGUF takes ~20 s) ---------------------------------
+
+
+@functools.lru_cache(maxsize=2)
+def _base_generator(source: str, lora_rank: int | None, lora_alpha: float | None):
+    return load_generator(source, lora_rank, lora_alpha)
+
+
+@functools.lru_cache(maxsize=2)
+def _target(cfg_json: str):
+    cfg = DPGConfig.from_dict(json.loads(cfg_json))
+    return loop.load_target(cfg, _base_generator(cfg.generator.source, cfg.generator.lora_rank,
+                                                 cfg.generator.lora_alpha)[1])
+
+
+def target_for(cfg: DPGConfig):
+    return _target(json.dumps({k: cfg.to_dict()[k] for k in ("seed", "target", "generator")}, sort_keys=True))
+
+
+def generator_at(cfg: DPGConfig, it: int):
+    """(model, tokenizer, optimizer, version) of the generator that samples iteration `it`."""
+    base, tokenizer = _base_generator(cfg.generator.source, cfg.generator.lora_rank, cfg.generator.lora_alpha)
+    model = copy.deepcopy(base)
+    optimizer = policy_optimizer(model, cfg.policy)
+    version = "base"
+    if it > 0:
+        url = stage_url(cfg, it - 1, "generator")
+        manifest = done(cfg, url)
+        if manifest is None:
+            raise DPGError(f"iteration {it} needs the generator of iteration {it - 1}, but {url} is incomplete; "
+                           "resume the run so that it is recomputed")
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in manifest["files"]:
+                Path(tmp, name).write_bytes(io.read_file(url, name, cfg.storage.storage_options, manifest))
+            load_policy_state(tmp, model, optimizer)
+        version = manifest["meta"]["version"]
+    return model, tokenizer, optimizer, version
+
+
+def read_records(cfg: DPGConfig, url: str, name: str, cls) -> list:
+    """Records of type `cls` from a stage's Parquet file (numpy values back to plain Python)."""
+    frame = io.read_table(url, name, cfg.storage.storage_options)
+    plain = lambda v: v.tolist() if isinstance(v, (np.ndarray, np.generic)) else v
+    return [cls(**{k: plain(v) for k, v in row.items()}) for row in frame.to_dict("records")]
+
+
+# --- the stages ---------------------------------------------------------------------------------------------
+
+
+@task(cache_policy=NO_CACHE)
+def sample_rollouts(cfg: DPGConfig, it: int) -> str:
+    url = stage_url(cfg, it, "rollouts")
+    if done(cfg, url):
+        return url
+    model, tokenizer, _, version = generator_at(cfg, it)
+    start = time.perf_counter()
+    rollouts = loop.sample(cfg, it, model, tokenizer, version)
+    seconds = time.perf_counter() - start
+    io.write_stage(url, {"rollouts.parquet": pd.DataFrame(as_rows(rollouts))},
+                   {"config_hash": cfg.hash, "n": len(rollouts), "seconds": seconds}, cfg.storage.storage_options)
+    get_run_logger().info("iteration %d: %d rollouts in %.1f s", it, len(rollouts), seconds)
+    return url
+
+
+@task(cache_policy=NO_CACHE)
+def sft_group(cfg: DPGConfig, it: int, rollouts_url: str, group: int) -> str:
+    """Differentiable SFT of the target on one group + per-example attribution rewards."""
+    url = stage_url(cfg, it, f"sft-g{group}")
+    if done(cfg, url):
+        return url
+    rollouts = read_records(cfg, rollouts_url, "rollouts.parquet", Rollout)
+    model, tokenizer, target = target_for(cfg)
+    start = time.perf_counter()
+    taus, run = loop.group_rewards(cfg, rollouts, group, model, tokenizer, target)
+    seconds = time.perf_counter() - start
+    frame = pd.DataFrame({"example_id": list(taus), "tau": list(taus.values())})
+    files = {"tau.parquet": frame}
+    if run is not None:
+        files["sft.json"] = json.dumps(as_rows([run])[0]).encode()
+    io.write_stage(url, files, {"config_hash": cfg.hash, "group": group, "seconds": seconds},
+                   cfg.storage.storage_options)
+    get_run_logger().info("iteration %d, group %d: %d rewards in %.1f s", it, group, len(taus), seconds)
+    return url
+
+
+@task(cache_policy=NO_CACHE)
+def compute_advantages(cfg: DPGConfig, it: int, rollouts_url: str, group_urls: list[str]) -> str:
+    """Join the groups' rewards, normalise them, and write the audit table (rollouts + rewards, one row each)."""
+    url = stage_url(cfg, it, "rewards")
+    if done(cfg, url):
+        return url
+    options = cfg.storage.storage_options
+    rollouts = read_records(cfg, rollouts_url, "rollouts.parquet", Rollout)
+    taus, runs = {}, []
+    for g in group_urls:
+        manifest = done(cfg, g)
+        frame = io.read_table(g, "tau.parquet", options)
+        taus.update(zip(frame["example_id"], frame["tau"].astype(float)))
+        if "sft.json" in manifest["files"]:
+            runs.append(SFTRun(**json.loads(io.read_file(g, "sft.json", options, manifest))))
+    rewards = loop.advantages(cfg, rollouts, taus)
+    table = pd.DataFrame(as_rows(rollouts)).merge(
+        pd.DataFrame(as_rows(rewards)).drop(columns=["outer_iteration", "group_id"]), on="example_id",
+        validate="one_to_one")
+    table["n_tokens"] = table["token_ids"].map(len)
+    metrics = loop.summary(rewards, runs)
+    io.write_stage(url, {"rewards.parquet": pd.DataFrame(as_rows(rewards)), "records.parquet": table,
+                         "sft_runs.parquet": pd.DataFrame(as_rows(runs))},
+                   {"config_hash": cfg.hash, "metrics": metrics}, options)
+    return url
+
+
+@task(cache_policy=NO_CACHE)
+def update_generator(cfg: DPGConfig, it: int, rollouts_url: str, rewards_url: str) -> str:
+    url = stage_url(cfg, it, "generator")
+    if done(cfg, url):
+        return url
+    rollouts = read_records(cfg, rollouts_url, "rollouts.parquet", Rollout)
+    rewards = read_records(cfg, rewards_url, "rewards.parquet", Reward)
+    model, _, optimizer, _ = generator_at(cfg, it)
+    start = time.perf_counter()
+    stats = loop.update(cfg, model, optimizer, rollouts, rewards)
+    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        state = save_policy_state(Path(tmp, "state"), model, optimizer, {"outer_iteration": it})
+        files = {p.name: p.read_bytes() for p in sorted(state.iterdir())}
+    version = io.digest(b"".join(files.values()))[:16]
+    io.write_stage(url, files, {"config_hash": cfg.hash, "version": version, "stats": stats, "seconds": seconds},
+                   cfg.storage.storage_options)
+    get_run_logger().info("iteration %d: generator update %s in %.1f s", it, stats, seconds)
+    return url

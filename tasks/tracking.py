@@ -1,0 +1,153 @@
+"""MLflow tracking: one parent run per optimization, params = the flattened config (logged once), metrics with
+step = outer iteration, the iteration's records as a dataset input, plots as artifacts.
+
+Uses `MlflowClient` with explicit run ids (no global active run), so tasks can run in any process.
+"""
+
+from __future__ import annotations
+
+import io as stdio
+import json
+import os
+import subprocess
+import tempfile
+import time
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from dpg.errors import DPGError
+from dpg.runconfig import DPGConfig
+from tasks import io
+from tasks.stages import run_url, stage_url
+
+
+def tracking_uri(cfg: DPGConfig) -> str:
+    """cfg.tracking.uri, else a sqlite file in the local run folder (./mlflow.db for remote stores)."""
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if "://" in cfg.storage.url and not cfg.storage.url.startswith("file://"):
+        return f"sqlite:///{os.path.abspath('mlflow.db')}"
+    folder = os.path.abspath(run_url(cfg).removeprefix("file://"))
+    os.makedirs(folder, exist_ok=True)
+    return f"sqlite:///{folder}/mlflow.db"
+
+
+def client(cfg: DPGConfig):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri(cfg))
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def start_tracking(cfg: DPGConfig, flow_run_id: str = "") -> str:
+    """The MLflow run of this optimization: found by its `dpg.run_id` tag, else created (params logged once)."""
+    mc = client(cfg)
+    try:
+        experiment = mc.get_experiment_by_name(cfg.tracking.experiment)
+        experiment_id = experiment.experiment_id if experiment else mc.create_experiment(cfg.tracking.experiment)
+        found = mc.search_runs([experiment_id], f"tags.`dpg.run_id` = '{cfg.run_id}'", max_results=1)
+    except Exception as e:  # connection refused, bad URI, ...: one line, resumable once fixed
+        raise DPGError(f"MLflow tracking at {tracking_uri(cfg)} is unreachable ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:200]}); start it or set tracking.uri, then resume") from None
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        run = mc.create_run(experiment_id, run_name=cfg.run_id, tags={
+            "dpg.run_id": cfg.run_id, "dpg.config_hash": cfg.hash, "dpg.store": run_url(cfg), "git.sha": git_sha()})
+        run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        params = [Param(k, str(v)[:6000]) for k, v in sorted(cfg.flat().items())
+                  if not k.startswith("storage.storage_options")]
+        for a in range(0, len(params), 100):
+            mc.log_batch(run_id, params=params[a:a + 100])
+    if flow_run_id:
+        mc.set_tag(run_id, f"prefect.flow_run.{flow_run_id}", "1")
+        mc.set_tag(run_id, "prefect.flow_run_id", flow_run_id)
+    mc.set_terminated(run_id, "RUNNING")
+    return run_id
+
+
+@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def log_iteration(cfg: DPGConfig, it: int, mlflow_run_id: str, rewards_url: str, generator_url: str) -> dict:
+    """Step metrics of iteration `it`, its records as an MLflow dataset input, a patch heatmap for patterns."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    options = cfg.storage.storage_options
+    report = stage_url(cfg, it, "report")
+    if logged := io.verify_stage(report, options):  # logged before this run was interrupted
+        return logged["meta"]["metrics"]
+    manifest = io.read_manifest(rewards_url, options)
+    metrics = dict(manifest["meta"]["metrics"])
+    gen = io.read_manifest(generator_url, options)["meta"]
+    metrics |= {f"policy_{k}": v for k, v in gen["stats"].items()}
+    for stage in ("rollouts", *(f"sft-g{g}" for g in range(cfg.rollouts.n_rollouts)), "generator"):
+        m = io.read_manifest(stage_url(cfg, it, stage), options)
+        if m is not None and "seconds" in m["meta"]:
+            metrics[f"seconds_{stage.split('-')[0]}"] = metrics.get(f"seconds_{stage.split('-')[0]}", 0.0) + \
+                m["meta"]["seconds"]
+    mc = client(cfg)
+    now = int(time.time() * 1000)
+    mc.log_batch(mlflow_run_id, metrics=[Metric(k, float(v), now, it) for k, v in sorted(metrics.items())])
+    mc.set_tag(mlflow_run_id, f"dpg.generator.iter-{it:04d}", generator_url)
+    records = io.read_table(rewards_url, "records.parquet", options)
+    dataset = mlflow.data.from_pandas(records.drop(columns=["prompt_token_ids", "token_ids", "logprobs"]),
+                                      source=io.join(rewards_url, manifest["files"]["records.parquet"]["file"]),
+                                      name=f"{cfg.run_id}-iter-{it:04d}",
+                                      digest=manifest["files"]["records.parquet"]["sha256"][:16])
+    mc.log_inputs(mlflow_run_id, datasets=[_dataset_input(dataset)])
+    _log_phi_plot(cfg, mc, mlflow_run_id)
+    io.write_stage(report, {"metrics.json": json.dumps(metrics).encode()}, {"metrics": metrics}, options)
+    return metrics
+
+
+def _dataset_input(dataset):
+    from mlflow.entities import DatasetInput, InputTag
+
+    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
+
+
+def _log_phi_plot(cfg: DPGConfig, mc, run_id: str) -> None:
+    """Phi after SFT (and the human metric) over outer iterations, as a PNG artifact."""
+    os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp())
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = {k: mc.get_metric_history(run_id, k) for k in ("phi_after", "pixel_accuracy", "val_loss",
+                                                             "l2_norm", "reward_mean")}
+    history = {k: sorted((m.step, m.value) for m in v) for k, v in history.items() if v}
+    if not history:
+        return
+    fig, axes = plt.subplots(1, len(history), figsize=(4 * len(history), 3), squeeze=False)
+    for ax, (key, points) in zip(axes[0], history.items()):
+        ax.plot([s for s, _ in points], [v for _, v in points], marker="o")
+        ax.set_xlabel("outer iteration")
+        ax.set_title(key)
+    fig.suptitle(f"{cfg.run_id}: {cfg.target.spec}")
+    fig.tight_layout()
+    buffer = stdio.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "phi_over_iterations.png")
+        with open(path, "wb") as f:
+            f.write(buffer.getvalue())
+        mc.log_artifact(run_id, path)
+
+
+@task(cache_policy=NO_CACHE)
+def finish_tracking(cfg: DPGConfig, mlflow_run_id: str, status: str = "FINISHED") -> None:
+    client(cfg).set_terminated(mlflow_run_id, status)

@@ -1,0 +1,116 @@
+"""The pipeline end to end on tiny models: real Prefect flow runs, real MLflow (sqlite), Parquet on a real S3
+API (moto on 127.0.0.1) and on a local folder; resume after a failure recomputes nothing that was finished."""
+
+import json
+
+import pandas as pd
+import pytest
+from conftest import WORDS
+
+import dpg.loop
+from dpg.runconfig import load_config
+from tasks import io
+from tasks.stages import run_url, stage_url
+from tasks.tracking import tracking_uri
+
+STAGES = ["rollouts", "sft-g0", "sft-g1", "rewards", "generator", "report"]
+
+
+@pytest.fixture(scope="module")
+def texts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("texts") / "texts.parquet"
+    rows = [" ".join(WORDS[(i * 3 + j) % len(WORDS)] for j in range(12)) for i in range(6)]
+    pd.DataFrame({"text": rows}).to_parquet(path)
+    return str(path)
+
+
+def tiny_config(generator_dir, texts_file, store, tracking, **extra):
+    overrides = [f"generator.source={generator_dir}", f"prompts.source={texts_file}", "prompts.per_iteration=2",
+                 "prompts.max_prompt_tokens=40", "rollouts.n_rollouts=2", "rollouts.max_new_tokens=6",
+                 "target.tiny_hidden=32", "target.tiny_layers=1", "sft.microbatch=1", "sft.max_len=12",
+                 "sft.lr=0.5", "policy.lr=1e-3", "outer_iterations=2", f"storage.url={store}",
+                 f"tracking.uri={tracking}", *[f"{k}={v}" for k, v in extra.items()]]
+    return load_config(None, overrides)
+
+
+def stage_digests(cfg, it, name):
+    manifest = io.read_manifest(stage_url(cfg, it, name), cfg.storage.storage_options)
+    return {k: v["sha256"] for k, v in manifest["files"].items()}, manifest["written_at"]
+
+
+def test_two_iterations_on_s3_with_mlflow(prefect_harness, s3_server, tiny_generator_dir, texts_file, tmp_path):
+    from flows.optimize import optimize
+
+    cfg = tiny_config(tiny_generator_dir, texts_file, "s3://dpg-test/e2e", f"sqlite:///{tmp_path}/mlflow.db")
+    cfg = load_config(None, [f"storage.storage_options={json.dumps(s3_server)}"], base=cfg.to_dict())
+    optimize(cfg)
+    options = cfg.storage.storage_options
+    assert json.loads(io.read_bytes(io.join(run_url(cfg), "config.json"), options))["name"] == "dpg"
+    for it in range(2):
+        for name in STAGES:
+            assert io.verify_stage(stage_url(cfg, it, name), options), (it, name)
+        rollouts = io.read_table(stage_url(cfg, it, "rollouts"), "rollouts.parquet", options)
+        records = io.read_table(stage_url(cfg, it, "rewards"), "records.parquet", options)
+        assert len(rollouts) == len(records) == 4 and records["example_id"].is_unique
+        assert set(records["example_id"]) == set(rollouts["example_id"])  # rewards join rollouts one-to-one
+        assert records["tau"].dtype == "float64" and records["advantage"].notna().all()
+        runs = io.read_table(stage_url(cfg, it, "rewards"), "sft_runs.parquet", options)
+        assert sorted(runs["group_id"]) == [0, 1]
+
+    from mlflow.tracking import MlflowClient
+
+    mc = MlflowClient(tracking_uri=tracking_uri(cfg))
+    [run] = mc.search_runs([mc.get_experiment_by_name("dpg").experiment_id], f"tags.`dpg.run_id` = '{cfg.run_id}'")
+    assert run.info.status == "FINISHED" and run.data.params["sft.lr"] == "0.5"
+    assert run.data.tags["dpg.config_hash"] == cfg.hash and "prefect.flow_run_id" in run.data.tags
+    assert [m.step for m in mc.get_metric_history(run.info.run_id, "phi_after")] == [0, 1]
+    assert "phi_over_iterations.png" in [a.path for a in mc.list_artifacts(run.info.run_id)]
+    assert len(run.inputs.dataset_inputs) == 2
+
+
+def test_resume_after_failure_recomputes_nothing_and_matches_uninterrupted_run(
+        prefect_harness, tiny_generator_dir, texts_file, tmp_path, monkeypatch):
+    from flows.optimize import optimize
+
+    straight = tiny_config(tiny_generator_dir, texts_file, str(tmp_path / "a"), f"sqlite:///{tmp_path}/a.db")
+    optimize(straight)
+
+    cfg = tiny_config(tiny_generator_dir, texts_file, str(tmp_path / "b"), f"sqlite:///{tmp_path}/b.db")
+    real = dpg.loop.group_rewards
+
+    def fail_in_iteration_1(cfg_, rollouts, group, *args, **kwargs):
+        if rollouts[0].outer_iteration == 1 and group == 1:
+            raise RuntimeError("injected failure inside iteration 2's SFT stage")
+        return real(cfg_, rollouts, group, *args, **kwargs)
+
+    monkeypatch.setattr(dpg.loop, "group_rewards", fail_in_iteration_1)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        optimize(cfg)
+    finished = {(it, n): stage_digests(cfg, it, n) for it in range(2) for n in STAGES
+                if io.read_manifest(stage_url(cfg, it, n)) is not None}
+    assert (1, "sft-g0") in finished and (1, "sft-g1") not in finished and (1, "rewards") not in finished
+
+    calls = []
+    monkeypatch.setattr(dpg.loop, "group_rewards", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    monkeypatch.setattr(dpg.loop, "sample", lambda *a, **k: pytest.fail("finished sampling was recomputed"))
+    optimize(cfg)
+    assert calls == [1]  # only the failed group ran again
+    for key, (digests, written_at) in finished.items():
+        assert stage_digests(cfg, *key) == (digests, written_at), key  # untouched
+    for it in range(2):
+        for name in ("rollouts", "sft-g0", "sft-g1", "rewards", "generator"):
+            assert stage_digests(cfg, it, name)[0] == stage_digests(straight, it, name)[0], (it, name)
+
+
+def test_changed_config_refuses_to_resume_naming_the_keys(prefect_harness, tiny_generator_dir, texts_file,
+                                                          tmp_path):
+    from dpg.errors import DPGError
+    from tasks.stages import prepare_run
+
+    cfg = tiny_config(tiny_generator_dir, texts_file, str(tmp_path), f"sqlite:///{tmp_path}/m.db")
+    prepare_run.fn(cfg)
+    stored = json.loads((tmp_path / cfg.run_id / "config.json").read_text())
+    stored["sft"]["lr"] = 0.25
+    (tmp_path / cfg.run_id / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(DPGError, match=r"different config \(sft.lr\)"):
+        prepare_run.fn(cfg)
