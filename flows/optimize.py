@@ -7,11 +7,20 @@ Every task skips work whose stage manifest is complete, so rerunning the same co
 
 from __future__ import annotations
 
+import dataclasses
+
 from prefect import flow, runtime
 
 from dpg import loop
 from dpg.runconfig import DPGConfig
-from tasks.stages import compute_advantages, prepare_run, sample_rollouts, sft_group, update_generator
+from tasks.stages import (
+    completed_iterations,
+    compute_advantages,
+    prepare_run,
+    sample_rollouts,
+    sft_group,
+    update_generator,
+)
 from tasks.tracking import finish_tracking, log_iteration, start_tracking
 
 
@@ -39,3 +48,10 @@ def optimize(cfg: DPGConfig) -> str:
         raise
     finish_tracking(cfg, mlflow_run_id)
     return generator
+
+
+@flow(name="dpg-advance", flow_run_name="{cfg.name}-advance-{iterations}")
+def advance(cfg: DPGConfig, iterations: int = 1) -> str:
+    """Advance the optimization by `iterations` outer iterations from where it stopped (for schedules)."""
+    done = completed_iterations(cfg)
+    return optimize(dataclasses.replace(cfg, outer_iterations=done + iterations))

@@ -43,6 +43,15 @@ def done(cfg: DPGConfig, url: str) -> dict | None:
 
 
 @task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def completed_iterations(cfg: DPGConfig) -> int:
+    """How many outer iterations of this run are finished (their report stage is complete), counting from 0."""
+    it = 0
+    while io.read_manifest(stage_url(cfg, it, "report"), cfg.storage.storage_options) is not None:
+        it += 1
+    return it
+
+
+@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def prepare_run(cfg: DPGConfig) -> str:
     """Write the run's config.json, or check that an existing run has the same identity (resume)."""
     url, options = io.join(run_url(cfg), "config.json"), cfg.storage.storage_options
