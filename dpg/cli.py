@@ -151,16 +151,17 @@ def print_status(cfg) -> None:
 
     options = cfg.storage.storage_options
     print(f"\nrun {cfg.run_id}  store {run_url(cfg)}")
-    print(f"{'iter':>4s}  {'stages done':32s} {'phi_after':>11s} {'metric':>18s} {'reward mean':>12s}")
+    print(f"{'iter':>4s}  {'stages done':30s} {'Phi after SFT':>13s} {'human metric':>24s} {'reward mean':>12s}")
+    names = ["rollouts", *(f"sft-g{g}" for g in range(cfg.rollouts.n_rollouts)), "rewards", "generator", "eval",
+             "report"]
     for it in range(cfg.outer_iterations):
-        names = ["rollouts", *(f"sft-g{g}" for g in range(cfg.rollouts.n_rollouts)), "rewards", "generator",
-                 "report"]
         stages = [n for n in names if io.read_manifest(stage_url(cfg, it, n), options) is not None]
-        m = (io.read_manifest(stage_url(cfg, it, "rewards"), options) or {}).get("meta", {}).get("metrics", {})
-        human = next(((k, v) for k, v in m.items() if k in ("pixel_accuracy", "val_loss", "l2_norm")), None)
-        print(f"{it:4d}  {len(stages)}/{len(names)} {','.join(s.split('-')[0] for s in stages)[:26]:26s} "
-              f"{m.get('phi_after', float('nan')):11.4g} "
-              f"{(f'{human[0]}={human[1]:.3g}' if human else ''):>18s} {m.get('reward_mean', float('nan')):12.3e}")
+        m = (io.read_manifest(stage_url(cfg, it, "report"), options) or {}).get("meta", {}).get("metrics", {})
+        human = next(((k[5:], v) for k, v in m.items() if k.startswith("eval_") and k not in
+                      ("eval_phi", "eval_examples")), None)
+        done = "all" if len(stages) == len(names) else ",".join(s.split("-")[0] for s in stages) or "none"
+        print(f"{it:4d}  {len(stages)}/{len(names)} {done[:24]:24s} {m.get('eval_phi', float('nan')):13.6g} "
+              f"{(f'{human[0]}={human[1]:.3g}' if human else ''):>24s} {m.get('reward_mean', float('nan')):12.3e}")
     print(f"audit table: {stage_url(cfg, 0, 'rewards')}/<digest>.parquet (records.parquet in each manifest)")
     uri = tracking_uri(cfg)
     print(f"MLflow: {uri}   open with: mlflow ui --backend-store-uri {uri}")

@@ -97,7 +97,8 @@ def load_generator(source: str = SMOLLM2, lora_rank: int | None = None, lora_alp
     fine-tuning). The tokenizer pads on the left, as batched generation needs.
     """
     if lora_rank is not None and not (_int(lora_rank) and lora_rank >= 1):
-        raise DPGError(f"generator.lora_rank={lora_rank!r} is invalid; use an integer >= 1, or None for full fine-tuning")
+        raise DPGError(f"generator.lora_rank={lora_rank!r} is invalid; use an integer >= 1, "
+                       "or None for full fine-tuning")
     if lora_alpha is not None and (lora_rank is None or not (_real(lora_alpha) and lora_alpha > 0)):
         raise DPGError(f"generator.lora_alpha={lora_alpha!r} is invalid; use a number > 0 together with lora_rank")
     if source != SMOLLM2 and source.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(source)):
@@ -197,7 +198,8 @@ def _sample_batch(model: nn.Module, prompts: list[list[int]], seeds: list[int], 
         ids[b, L - len(p):], mask[b, L - len(p):] = torch.tensor(p, device=device), 1
     position = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L): left padding does not shift positions
     gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
+    cache_key = "cache" if hasattr(out, "cache") else "past_key_values"  # renamed in transformers 5.x
     next_pos = position[:, -1:] + 1  # (B, 1)
     tokens: list[list[int]] = [[] for _ in range(B)]
     logprobs: list[list[float]] = [[] for _ in range(B)]
@@ -216,8 +218,8 @@ def _sample_batch(model: nn.Module, prompts: list[list[int]], seeds: list[int], 
         if all(done):
             break
         mask = torch.cat([mask, mask.new_ones((B, 1))], dim=1)  # finished rows keep going, ignored
-        out = model(input_ids=step, attention_mask=mask, position_ids=next_pos, past_key_values=out.past_key_values,
-                    use_cache=True)
+        out = model(input_ids=step, attention_mask=mask, position_ids=next_pos, use_cache=True,
+                    **{cache_key: getattr(out, cache_key)})
         next_pos = next_pos + 1
     return list(zip(tokens, logprobs))
 

@@ -23,7 +23,7 @@ from dpg.prompts import DEFAULT_TEMPLATE, build_prompts, load_texts
 from dpg.records import Reward, Rollout, SFTRun
 from dpg.rewards import get_reward, needs_sft
 from dpg.runconfig import DPGConfig
-from dpg.sft import Progress
+from dpg.sft import Progress, train
 from dpg.targets import get_target
 
 
@@ -86,6 +86,24 @@ def group_rewards(cfg: DPGConfig, rollouts: list[Rollout], group: int, target_mo
                        f"sft.grad_accum={cfg.sft.step_size}; raise rollouts.max_new_tokens or use microbatch 1")
     tau, runs = reward(target_model, {group: (ids, mask)}, target, cfg.sft, rollouts[0].outer_iteration, progress)
     return {members[i].example_id: float(t) for i, t in zip(kept, tau[group].tolist())}, runs[0]
+
+
+def evaluate(cfg: DPGConfig, rollouts: list[Rollout], target_model: nn.Module, target_tokenizer,
+             target) -> tuple[dict[str, float], dict]:
+    """Phi and the human metric after a plain SFT of the target on all of this iteration's completions.
+
+    The SFT trains on the largest multiple of microbatch*grad_accum examples (in record order). Returns
+    (metrics with an `eval_` prefix, pictures of the trained target such as the pattern patch).
+    """
+    ids, mask, kept, _ = to_target_examples(rollouts, target_tokenizer, cfg.sft.max_len)
+    n = len(kept) // cfg.sft.step_size * cfg.sft.step_size
+    if n == 0:
+        raise DPGError(f"outer iteration {rollouts[0].outer_iteration}: {len(kept)} non-empty completions, fewer "
+                       f"than one SFT step of sft.microbatch*sft.grad_accum={cfg.sft.step_size}")
+    trained = train(target_model, ids[:n], mask[:n], cfg.sft)
+    report = target.report(trained) if hasattr(target, "report") else {"phi": float(target(trained))}
+    pictures = target.image(trained) if getattr(target, "image", None) else {}
+    return {f"eval_{k}": float(v) for k, v in report.items()} | {"eval_examples": float(n)}, pictures
 
 
 def advantages(cfg: DPGConfig, rollouts: list[Rollout], taus: dict[str, float]) -> list[Reward]:

@@ -64,6 +64,8 @@ class Target:
     name: str
     phi: Callable[[nn.Module], Tensor]
     report: Callable[[nn.Module], dict[str, float]]
+    image: Callable[[nn.Module], dict[str, np.ndarray]] | None = None
+    """Optional pictures of the model for humans, e.g. {"delta": P − P_initial, "goal": S} for patterns."""
 
     def __call__(self, model: nn.Module) -> Tensor:
         return self.phi(model)
@@ -212,7 +214,12 @@ def _pattern_target(spec, image, base_model, tokenizer, kappa=20.0, vocab_offset
             accuracy = (torch.sign(P - P_initial.to(P)) == S.to(P)).double().mean()
             return {"phi": float(phi(model)), "pixel_accuracy": float(accuracy)}
 
-    return Target(spec, phi, report)
+    def pictures(model: nn.Module) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            P = patch(model)
+            return {"delta": (P - P_initial.to(P)).double().cpu().numpy(), "goal": S.double().cpu().numpy()}
+
+    return Target(spec, phi, report, pictures)
 
 
 def _default_vocab_offset(spec: str, tokenizer, cols: int, vocab: int) -> int:

@@ -16,6 +16,7 @@ from dpg.runconfig import DPGConfig
 from tasks.stages import (
     completed_iterations,
     compute_advantages,
+    evaluate_target,
     prepare_run,
     sample_rollouts,
     sft_group,
@@ -30,7 +31,8 @@ def outer_iteration(cfg: DPGConfig, it: int, mlflow_run_id: str) -> str:
     groups = [sft_group(cfg, it, rollouts, g) for g in loop.group_ids(cfg)]  # one SFT run per group
     rewards = compute_advantages(cfg, it, rollouts, groups)
     generator = update_generator(cfg, it, rollouts, rewards)
-    log_iteration(cfg, it, mlflow_run_id, rewards, generator)
+    evaluation = evaluate_target(cfg, it, rollouts)  # Phi after SFT on all of this iteration's data
+    log_iteration(cfg, it, mlflow_run_id, rewards, generator, evaluation)
     return generator
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import io as stdio
 import json
 import tempfile
 import time
@@ -177,6 +178,24 @@ def compute_advantages(cfg: DPGConfig, it: int, rollouts_url: str, group_urls: l
     io.write_stage(url, {"rewards.parquet": pd.DataFrame(as_rows(rewards)), "records.parquet": table,
                          "sft_runs.parquet": pd.DataFrame(as_rows(runs))},
                    {"config_hash": cfg.hash, "metrics": metrics}, options)
+    return url
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_target(cfg: DPGConfig, it: int, rollouts_url: str) -> str:
+    """Phi and its human metric after SFT on all of the iteration's data, plus pictures (e.g. the patch)."""
+    url = stage_url(cfg, it, "eval")
+    if done(cfg, url):
+        return url
+    rollouts = read_records(cfg, rollouts_url, "rollouts.parquet", Rollout)
+    model, tokenizer, target = target_for(cfg)
+    metrics, pictures = loop.evaluate(cfg, rollouts, model, tokenizer, target)
+    files = {"metrics.json": json.dumps(metrics).encode()}
+    for name, array in pictures.items():
+        buffer = stdio.BytesIO()
+        np.save(buffer, array)
+        files[f"{name}.npy"] = buffer.getvalue()
+    io.write_stage(url, files, {"config_hash": cfg.hash, "metrics": metrics}, cfg.storage.storage_options)
     return url
 
 

@@ -79,7 +79,8 @@ def start_tracking(cfg: DPGConfig, flow_run_id: str = "") -> str:
 
 
 @task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def log_iteration(cfg: DPGConfig, it: int, mlflow_run_id: str, rewards_url: str, generator_url: str) -> dict:
+def log_iteration(cfg: DPGConfig, it: int, mlflow_run_id: str, rewards_url: str, generator_url: str,
+                  eval_url: str) -> dict:
     """Step metrics of iteration `it`, its records as an MLflow dataset input, a patch heatmap for patterns."""
     import mlflow
     from mlflow.entities import Metric
@@ -92,7 +93,9 @@ def log_iteration(cfg: DPGConfig, it: int, mlflow_run_id: str, rewards_url: str,
     metrics = dict(manifest["meta"]["metrics"])
     gen = io.read_manifest(generator_url, options)["meta"]
     metrics |= {f"policy_{k}": v for k, v in gen["stats"].items()}
-    for stage in ("rollouts", *(f"sft-g{g}" for g in range(cfg.rollouts.n_rollouts)), "generator"):
+    evaluation = io.read_manifest(eval_url, options)
+    metrics |= evaluation["meta"]["metrics"]
+    for stage in ("rollouts", *(f"sft-g{g}" for g in range(cfg.rollouts.n_rollouts)), "generator", "eval"):
         m = io.read_manifest(stage_url(cfg, it, stage), options)
         if m is not None and "seconds" in m["meta"]:
             metrics[f"seconds_{stage.split('-')[0]}"] = metrics.get(f"seconds_{stage.split('-')[0]}", 0.0) + \
@@ -108,6 +111,8 @@ def log_iteration(cfg: DPGConfig, it: int, mlflow_run_id: str, rewards_url: str,
                                       digest=manifest["files"]["records.parquet"]["sha256"][:16])
     mc.log_inputs(mlflow_run_id, datasets=[_dataset_input(dataset)])
     _log_phi_plot(cfg, mc, mlflow_run_id)
+    if "delta.npy" in evaluation["files"]:
+        _log_patch_heatmap(cfg, it, mc, mlflow_run_id, eval_url, evaluation)
     io.write_stage(report, {"metrics.json": json.dumps(metrics).encode()}, {"metrics": metrics}, options)
     return metrics
 
@@ -118,16 +123,55 @@ def _dataset_input(dataset):
     return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
 
 
-def _log_phi_plot(cfg: DPGConfig, mc, run_id: str) -> None:
-    """Phi after SFT (and the human metric) over outer iterations, as a PNG artifact."""
+def _pyplot():
     os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp())
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    history = {k: mc.get_metric_history(run_id, k) for k in ("phi_after", "pixel_accuracy", "val_loss",
-                                                             "l2_norm", "reward_mean")}
+    return plt
+
+
+def _log_figure(mc, run_id: str, fig, name: str, artifact_path: str | None = None) -> None:
+    buffer = stdio.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    _pyplot().close(fig)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, name)
+        with open(path, "wb") as f:
+            f.write(buffer.getvalue())
+        mc.log_artifact(run_id, path, artifact_path)
+
+
+def _log_patch_heatmap(cfg: DPGConfig, it: int, mc, run_id: str, eval_url: str, manifest: dict) -> None:
+    """The LM-head patch change after SFT on the iteration's data, beside the goal image (PNG)."""
+    import numpy as np
+
+    options = cfg.storage.storage_options
+    delta = np.load(stdio.BytesIO(io.read_file(eval_url, "delta.npy", options, manifest)))
+    goal = np.load(stdio.BytesIO(io.read_file(eval_url, "goal.npy", options, manifest)))
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
+    limit = float(np.abs(delta).max()) or 1.0
+    for ax, data, title, kw in ((axes[0], goal, "goal S", {"vmin": -1, "vmax": 1}),
+                                (axes[1], delta, "Δ = P − P_initial", {"vmin": -limit, "vmax": limit}),
+                                (axes[2], np.sign(delta) * goal, "sign(Δ)·S (+1 = right)", {"vmin": -1, "vmax": 1})):
+        ax.imshow(data, cmap="coolwarm", **kw)
+        ax.set_title(title)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    accuracy = float((np.sign(delta) == goal).mean())
+    fig.suptitle(f"{cfg.target.spec}, iteration {it}: pixel accuracy {accuracy:.2f}")
+    fig.tight_layout()
+    _log_figure(mc, run_id, fig, f"patch_iter_{it:04d}.png", "patches")
+
+
+def _log_phi_plot(cfg: DPGConfig, mc, run_id: str) -> None:
+    """Phi after SFT (and the human metric) over outer iterations, as a PNG artifact."""
+    plt = _pyplot()
+    history = {k: mc.get_metric_history(run_id, k) for k in ("eval_phi", "eval_pixel_accuracy", "eval_val_loss",
+                                                             "eval_l2_norm", "reward_mean")}
     history = {k: sorted((m.step, m.value) for m in v) for k, v in history.items() if v}
     if not history:
         return
@@ -138,14 +182,7 @@ def _log_phi_plot(cfg: DPGConfig, mc, run_id: str) -> None:
         ax.set_title(key)
     fig.suptitle(f"{cfg.run_id}: {cfg.target.spec}")
     fig.tight_layout()
-    buffer = stdio.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "phi_over_iterations.png")
-        with open(path, "wb") as f:
-            f.write(buffer.getvalue())
-        mc.log_artifact(run_id, path)
+    _log_figure(mc, run_id, fig, "phi_over_iterations.png")
 
 
 @task(cache_policy=NO_CACHE)

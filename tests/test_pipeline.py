@@ -13,7 +13,7 @@ from tasks import io
 from tasks.stages import run_url, stage_url
 from tasks.tracking import tracking_uri
 
-STAGES = ["rollouts", "sft-g0", "sft-g1", "rewards", "generator", "report"]
+STAGES = ["rollouts", "sft-g0", "sft-g1", "rewards", "generator", "eval", "report"]
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,9 @@ def test_two_iterations_on_s3_with_mlflow(prefect_harness, s3_server, tiny_gener
     assert run.data.tags["dpg.config_hash"] == cfg.hash and "prefect.flow_run_id" in run.data.tags
     assert [m.step for m in mc.get_metric_history(run.info.run_id, "phi_after")] == [0, 1]
     assert "phi_over_iterations.png" in [a.path for a in mc.list_artifacts(run.info.run_id)]
+    assert [a.path for a in mc.list_artifacts(run.info.run_id, "patches")] == \
+        ["patches/patch_iter_0000.png", "patches/patch_iter_0001.png"]
+    assert 0 <= run.data.metrics["eval_pixel_accuracy"] <= 1
     assert len(run.inputs.dataset_inputs) == 2
 
 
