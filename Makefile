@@ -8,8 +8,7 @@ export TRANSFORMERS_OFFLINE = 1
 
 .PHONY: run test setup lint bench clean
 run: setup            ## the main job on embedded defaults
-	$(VENV)/bin/dpg verify
-	$(VENV)/bin/dpg demo
+	$(VENV)/bin/dpg run
 
 test: setup           ## lint + the whole test suite
 	$(VENV)/bin/ruff check .

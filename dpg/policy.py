@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dpg.config import _int, _real, _require
+from dpg.config import _int, _real, _require, build
 from dpg.errors import DPGError
 
 
@@ -81,11 +81,7 @@ class PolicyConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PolicyConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        if set(data) - names:
-            raise DPGError(f"unknown key(s) {', '.join(f'policy.{k}' for k in sorted(set(data) - names))}; "
-                           f"valid keys: {', '.join(sorted(names))}")
-        return cls(**data)
+        return build(cls, data, "policy")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

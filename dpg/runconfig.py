@@ -42,6 +42,10 @@ class TargetConfig:
         for key in ("tiny_hidden", "tiny_layers"):
             _require(_int(getattr(self, key)) and getattr(self, key) >= 1, key, getattr(self, key),
                      "use an integer >= 1", prefix="target")
+        _require(_text(self.model), "model", self.model, "use 'tiny', 'smollm2' or a local model folder",
+                 prefix="target")
+        _require(isinstance(self.options, dict), "options", self.options, "use a mapping, e.g. {kappa: 1.0}",
+                 prefix="target")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,14 @@ class GeneratorConfig:
     """LoRA adapter rank (peft); None fine-tunes every weight."""
     lora_alpha: float | None = None
     """LoRA alpha (default 2 * rank)."""
+
+    def __post_init__(self) -> None:
+        _require(_text(self.source), "source", self.source, "use 'smollm2' or a local model folder",
+                 prefix="generator")
+        _require(self.lora_rank is None or (_int(self.lora_rank) and self.lora_rank >= 1), "lora_rank",
+                 self.lora_rank, "use an integer >= 1, or null for full fine-tuning", prefix="generator")
+        _require(self.lora_alpha is None or (_real(self.lora_alpha) and self.lora_alpha > 0), "lora_alpha",
+                 self.lora_alpha, "use a number > 0, or null for 2 * lora_rank", prefix="generator")
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,9 @@ class PromptConfig:
         for key in ("per_iteration", "max_prompt_tokens"):
             _require(_int(getattr(self, key)) and getattr(self, key) >= 1, key, getattr(self, key),
                      "use an integer >= 1", prefix="prompts")
+        for key in ("source", "text_column", "template"):
+            _require(_text(getattr(self, key), optional=key != "text_column"), key, getattr(self, key),
+                     "use a string" + ("" if key == "text_column" else " or null"), prefix="prompts")
 
 
 @dataclass(frozen=True)
@@ -91,6 +106,9 @@ class RewardConfig:
     def __post_init__(self) -> None:
         _require(_real(self.eps_fraction) and self.eps_fraction > 0, "eps_fraction", self.eps_fraction,
                  "use a positive number, e.g. 1e-3", prefix="rewards")
+        _require(_text(self.name), "name", self.name, "use e.g. 'dpg', 'levenshtein' or module:function",
+                 prefix="rewards")
+        _require(_text(self.goal, optional=True), "goal", self.goal, "use a string or null", prefix="rewards")
 
 
 @dataclass(frozen=True)
@@ -102,6 +120,11 @@ class StorageConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options (e.g. {"client_kwargs": {"endpoint_url": ...}}); never part of the run's identity."""
 
+    def __post_init__(self) -> None:
+        _require(_text(self.url), "url", self.url, "use a local folder or s3://bucket/prefix", prefix="storage")
+        _require(isinstance(self.storage_options, dict), "storage_options", self.storage_options,
+                 'use a mapping, e.g. {client_kwargs: {endpoint_url: "http://..."}}', prefix="storage")
+
 
 @dataclass(frozen=True)
 class TrackingConfig:
@@ -111,6 +134,11 @@ class TrackingConfig:
     """Tracking URI; None: a sqlite file `mlflow.db` in the local run folder (or ./mlflow.db for S3 stores)."""
     experiment: str = "dpg"
     """MLflow experiment name."""
+
+    def __post_init__(self) -> None:
+        _require(_text(self.uri, optional=True), "uri", self.uri,
+                 "use e.g. http://127.0.0.1:5000 or sqlite:///path/mlflow.db, or null", prefix="tracking")
+        _require(_text(self.experiment), "experiment", self.experiment, "use a non-empty name", prefix="tracking")
 
 
 @dataclass(frozen=True)
@@ -127,6 +155,11 @@ class ExecutionConfig:
     def __post_init__(self) -> None:
         _require(self.mode in ("inline", "workers"), "mode", self.mode, "use 'inline' or 'workers'",
                  prefix="execution")
+
+
+def _text(x: Any, optional: bool = False) -> bool:
+    """A non-empty string (or None when `optional`): YAML turns `5`, `yes` or `[a]` into other types."""
+    return (optional and x is None) or (isinstance(x, str) and x != "")
 
 
 SECTIONS = {"target": TargetConfig, "generator": GeneratorConfig, "prompts": PromptConfig,
@@ -146,13 +179,13 @@ class DPGConfig:
     seed: int = 0
     """Seed of the tiny target's initialisation and of prompt selection."""
     target: TargetConfig = field(default_factory=TargetConfig)
-    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    generator: GeneratorConfig = field(default_factory=lambda: GeneratorConfig(lora_rank=16))
     prompts: PromptConfig = field(default_factory=PromptConfig)
     rollouts: RolloutConfig = field(default_factory=lambda: RolloutConfig(n_rollouts=4, max_new_tokens=48))
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(optimizer="sgd", lr=0.5, microbatch=2, grad_accum=1,
                                                              max_len=64))
     rewards: RewardConfig = field(default_factory=RewardConfig)
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    policy: PolicyConfig = field(default_factory=lambda: PolicyConfig(lr=2e-4))  # LoRA wants a larger lr
     storage: StorageConfig = field(default_factory=StorageConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
@@ -160,6 +193,7 @@ class DPGConfig:
     def __post_init__(self) -> None:
         _require(_int(self.outer_iterations) and self.outer_iterations >= 1, "outer_iterations",
                  self.outer_iterations, "use an integer >= 1", prefix="config")
+        _require(_int(self.seed), "seed", self.seed, "use an integer", prefix="config")
         _require(isinstance(self.name, str) and self.name.replace("-", "").replace("_", "").isalnum(), "name",
                  self.name, "use letters, digits, '-' and '_'", prefix="config")
         group = self.prompts.per_iteration if self.rollouts.grouping == "inverse" else \
