@@ -246,12 +246,13 @@ def metagradients(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, t
             if store:
                 segment = [(start, store.get(start, like=opt.init({})))]
             else:  # replay steps start .. start+k-1 from the kept checkpoint
-                segment, c = [], kept[start]
+                segment, c = [], kept.pop(start)
                 for t in range(start, min(start + k, total)):
                     g = step_grad(work, c.theta, batch, rows_of[t], config)
                     segment.append((t, c._replace(g=g)))
                     c = Checkpoint(*opt.update(c.theta, c.state, g), None)
-            for t, c in reversed(segment):
+            while segment:  # pop, so each step's checkpoint is freed once reversed
+                t, c = segment.pop()
                 adj, tau_t = reverse_step(work, opt, c, adj, batch, rows_of[t], config, t)
                 scores[rows_of[t]] += tau_t.cpu()
                 done += 1
