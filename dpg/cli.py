@@ -98,8 +98,10 @@ def quiet_offline_env() -> None:
     for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
                        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                        "PREFECT_HOME": os.path.abspath(".dpg/prefect"),
-                       "PREFECT_LOGGING_LEVEL": "WARNING"}.items():
+                       # the temporary API server can take over 20 s to start on a busy 2-core machine
+                       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
         os.environ.setdefault(key, value)
+    os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -182,6 +184,64 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Register a workers-mode run's deployments with the Prefect server at PREFECT_API_URL (see infra/README.md)."""
+    from dpg.runconfig import load_config
+
+    cfg = load_config(args.config, args.set or [])
+    quiet_offline_env()
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.deployments import deploy, workers_config
+
+    api = PREFECT_API_URL.value()
+    if not api:
+        raise DPGError("PREFECT_API_URL is not set: deployments live on a Prefect server; start one "
+                       "(infra/start-prefect-server.sh) and export PREFECT_API_URL=http://127.0.0.1:4200/api")
+    if args.iterations < 1:
+        raise DPGError(f"--iterations={args.iterations} is invalid; use an integer >= 1")
+    cfg = workers_config(cfg, args.gpu_pool, args.cpu_pool)
+    names = deploy(cfg, iterations=args.iterations, cron=args.cron, interval=args.interval)
+    schedule = f"cron {args.cron!r}" if args.cron else f"every {args.interval:g} s" if args.interval else "none"
+    print(f"registered with {api} (run {cfg.run_id}, store {cfg.storage.url}):")
+    for name, pool in names.items():
+        print(f"  {name:48s} work pool {pool}")
+    print(f"schedule of dpg-advance/{cfg.run_id}: {schedule}; each run advances {args.iterations} outer iteration(s)")
+    print("start the workers (the GPU pool on every GPU machine, the repo at the same path):\n"
+          f"  prefect worker start --pool {cfg.execution.cpu_pool}\n"
+          f"  prefect worker start --pool {cfg.execution.gpu_pool} --limit 1   # one per GPU\n"
+          f"run now: prefect deployment run dpg-advance/{cfg.run_id}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Print the commands that open the Prefect and MLflow UIs of a run."""
+    import json
+    import os
+
+    from dpg.runconfig import DPGConfig
+
+    quiet_offline_env()
+    from tasks import io
+    from tasks.tracking import tracking_uri
+
+    try:
+        cfg = DPGConfig.from_dict(json.loads(io.read_bytes(io.join(args.run, "config.json"))))
+    except FileNotFoundError:
+        raise DPGError(f"{args.run} holds no config.json; give a run folder, e.g. runs/dpg-<hash>") from None
+
+    if api := os.environ.get("PREFECT_API_URL"):  # workers mode: the server that runs the deployments
+        print(f"# Prefect UI of the server at {api}: open {api.removesuffix('/').removesuffix('/api')}")
+    else:  # inline runs: the flow runs recorded in this machine's PREFECT_HOME
+        home = os.environ["PREFECT_HOME"]
+        print(f"# Prefect UI (flow runs of PREFECT_HOME={home}); then open http://127.0.0.1:4200")
+        print(f"PREFECT_HOME={home} PREFECT_SERVER_ANALYTICS_ENABLED=false prefect server start --host 127.0.0.1")
+    print(f"# MLflow UI of run {cfg.run_id}; then open http://127.0.0.1:5000")
+    print("MLFLOW_DISABLE_TELEMETRY=true mlflow ui --host 127.0.0.1 --port 5000 "
+          f"--backend-store-uri {tracking_uri(cfg)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpg", description="Dataset Policy Gradient: synthetic data for any "
                                      "differentiable target (exact per-example metagradients + policy gradient).")
@@ -202,6 +262,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="stages done and metrics per iteration of a stored run")
     p.add_argument("run", help="the run folder or URL")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("deploy", help="register the Prefect deployments of a run on GPU/CPU work pools (workers mode)")
+    p.add_argument("config", nargs="?", help="YAML/JSON config file (default: the embedded main job)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key (repeatable); storage.url must be s3://... or an absolute shared path")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--cron", help='schedule of the dpg-advance deployment, e.g. "0 * * * *"')
+    when.add_argument("--interval", type=float, metavar="SECONDS", help="schedule as an interval in seconds")
+    p.add_argument("--iterations", type=int, default=1, help="outer iterations per scheduled run (default 1)")
+    p.add_argument("--gpu-pool", help="work pool of the GPU stages (default: execution.gpu_pool, dpg-gpu)")
+    p.add_argument("--cpu-pool", help="work pool of the optimization flow (default: execution.cpu_pool, dpg-cpu)")
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("ui", help="print the commands that open the Prefect and MLflow UIs of a run")
+    p.add_argument("run", help="the run folder or URL, e.g. runs/dpg-1a2b3c4d5e6f")
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("verify", help="check every metagradient against finite differences on tiny float64 models")
     p.add_argument("--arch", choices=["llama", "gpt2", "all"], default="all")

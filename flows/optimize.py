@@ -11,16 +11,14 @@ import dataclasses
 
 from prefect import flow, runtime
 
-from dpg import loop
 from dpg.runconfig import DPGConfig
+from flows.deployments import run_sft_groups, run_update_generator
 from tasks.stages import (
     completed_iterations,
     compute_advantages,
     evaluate_target,
     prepare_run,
     sample_rollouts,
-    sft_group,
-    update_generator,
 )
 from tasks.tracking import finish_tracking, log_iteration, start_tracking
 
@@ -28,9 +26,9 @@ from tasks.tracking import finish_tracking, log_iteration, start_tracking
 @flow(name="dpg-iteration", flow_run_name="{cfg.name}-iter-{it}", validate_parameters=True)
 def outer_iteration(cfg: DPGConfig, it: int, mlflow_run_id: str) -> str:
     rollouts = sample_rollouts(cfg, it)
-    groups = [sft_group(cfg, it, rollouts, g) for g in loop.group_ids(cfg)]  # one SFT run per group
+    groups = run_sft_groups(cfg, it, rollouts)  # one SFT run per group; on GPU workers if execution.mode=workers
     rewards = compute_advantages(cfg, it, rollouts, groups)
-    generator = update_generator(cfg, it, rollouts, rewards)
+    generator = run_update_generator(cfg, it, rollouts, rewards)
     evaluation = evaluate_target(cfg, it, rollouts)  # Phi after SFT on all of this iteration's data
     log_iteration(cfg, it, mlflow_run_id, rewards, generator, evaluation)
     return generator

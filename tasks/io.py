@@ -21,6 +21,7 @@ from typing import Any
 
 import fsspec
 import pandas as pd
+from fsspec.implementations.local import LocalFileSystem
 
 from dpg.errors import DPGError
 
@@ -47,7 +48,8 @@ def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> N
     fs, path = filesystem(url, storage_options)
     parent = path.rsplit("/", 1)[0]
     try:
-        fs.makedirs(parent, exist_ok=True)
+        if isinstance(fs, LocalFileSystem):  # object stores have no folders; s3fs's makedirs creates missing buckets
+            fs.makedirs(parent, exist_ok=True)
         with fs.open(path, "wb") as f:
             f.write(data)
     except Exception as e:  # OSError, botocore's connection errors, ...: one line, the cause chained
