@@ -5,6 +5,8 @@ export MLFLOW_DISABLE_TELEMETRY = true
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
+# OpenMP threads sleep instead of spinning while waiting: on a busy 2-core machine spinning made torch 4-50x slower
+export OMP_WAIT_POLICY = PASSIVE
 
 .PHONY: run test setup lint bench clean
 run: setup            ## the main job on embedded defaults

@@ -149,10 +149,15 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: list[tuple[str, str]],
     ends = end_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(ends, default=0)
     sampled: list[tuple[list[int], list[float]]] = []
-    for a in range(0, len(jobs), config.batch_size):
-        chunk = jobs[a:a + config.batch_size]
-        seeds = [_rollout_seed(config.seed, outer_iteration, p, k) for p, k in chunk]
-        sampled += _sample_batch(model, [encoded[p] for p, _ in chunk], seeds, ends, pad, config)
+    training = model.training
+    model.eval()  # dropout off: the stored log-probs must be a deterministic function of the weights
+    try:
+        for a in range(0, len(jobs), config.batch_size):
+            chunk = jobs[a:a + config.batch_size]
+            seeds = [_rollout_seed(config.seed, outer_iteration, p, k) for p, k in chunk]
+            sampled += _sample_batch(model, [encoded[p] for p, _ in chunk], seeds, ends, pad, config)
+    finally:
+        model.train(training)
     records = []
     for (p, k), (tokens, logprobs) in zip(jobs, sampled):
         stop = tokens[-1] in ends
@@ -209,12 +214,12 @@ def _sample_batch(model: nn.Module, prompts: list[list[int]], seeds: list[int], 
         logp = F.log_softmax(logits, dim=-1)  # temperature 1, full vocabulary: what the policy ratio needs
         probs = _sampling_probs(logits, config.temperature, config.top_p)
         step = torch.stack([torch.multinomial(probs[b], 1, generator=gens[b]) for b in range(B)])  # (B, 1)
+        chosen, chosen_logp = step[:, 0].tolist(), logp.gather(1, step)[:, 0].tolist()  # one device sync
         for b in range(B):
             if not done[b]:
-                t = int(step[b])
-                tokens[b].append(t)
-                logprobs[b].append(float(logp[b, t]))
-                done[b] = t in ends
+                tokens[b].append(chosen[b])
+                logprobs[b].append(chosen_logp[b])
+                done[b] = chosen[b] in ends
         if all(done):
             break
         mask = torch.cat([mask, mask.new_ones((B, 1))], dim=1)  # finished rows keep going, ignored
@@ -229,7 +234,8 @@ def sequence_logprobs(model: nn.Module, prompt_ids: list[list[int]], completion_
 
     One batched forward pass over `prompt + completion` rows, right-padded (position ids from the attention
     mask), differentiable: the GRPO update calls it with gradients on. Row b returns a tensor of shape
-    (len(completion_ids[b]),): `log softmax(logits[j - 1])[x_j]` for every completion token x_j.
+    (len(completion_ids[b]),): `log softmax(logits[j - 1])[x_j]` for every completion token x_j. Call it in
+    eval mode (no dropout) to reproduce `Rollout.logprobs`.
     """
     if len(prompt_ids) != len(completion_ids):
         raise DPGError(f"sequence_logprobs got {len(prompt_ids)} prompts but {len(completion_ids)} completions; "
@@ -246,11 +252,15 @@ def sequence_logprobs(model: nn.Module, prompt_ids: list[list[int]], completion_
     for b, r in enumerate(rows):
         ids[b, :len(r)], mask[b, :len(r)] = torch.tensor(r, device=device), 1
     position = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position).logits  # (B, L, V)
+    # LM-head logits only from the first scored position on: memory grows with completions, not prompts
+    first = min(len(p) for p in prompt_ids) - 1
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position,
+                   logits_to_keep=L - first).logits  # (B, L - first, V), or (B, L, V) if the model ignores it
+    offset = L - logits.shape[1]
     result = []
     for b, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
         start, n = len(p), len(c)
-        row = logits[b, start - 1:start - 1 + n]  # (n, V): position j - 1 predicts token j
+        row = logits[b, start - 1 - offset:start - 1 - offset + n]  # (n, V): position j - 1 predicts token j
         row = row.to(torch.promote_types(row.dtype, torch.float32))
         result.append(F.log_softmax(row, dim=-1).gather(-1, ids[b, start:start + n, None]).squeeze(-1))  # (n,)
     return result
