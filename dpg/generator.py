@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpg.config import _int, _real, _require
+from dpg.config import _int, _real, _require, build
 from dpg.errors import DPGError
 from dpg.models import SMOLLM2, load_causal_lm
 from dpg.records import Rollout
@@ -74,12 +74,7 @@ class RolloutConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], prefix: str = "rollouts") -> RolloutConfig:
         """Build from a plain dict (e.g. parsed YAML); unknown keys are an error naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise DPGError(f"unknown key(s) {', '.join(f'{prefix}.{k}' for k in unknown)}; "
-                           f"valid keys: {', '.join(sorted(names))}")
-        return cls(**data)
+        return build(cls, data, prefix)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
