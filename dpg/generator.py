@@ -99,7 +99,8 @@ def load_generator(source: str = SMOLLM2, lora_rank: int | None = None, lora_alp
     if source != SMOLLM2 and source.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(source)):
         raise DPGError(f"generator.source={source!r} is not a readable model folder; "
                        f"use an existing folder with config.json, a cached hub id, or {SMOLLM2!r}")
-    model, tokenizer = load_causal_lm(os.path.expanduser(source) if source != SMOLLM2 else source, dtype)
+    # The generator is only differentiated once (policy gradient), so fused SDPA attention is fine and faster.
+    model, tokenizer = load_causal_lm(os.path.expanduser(source) if source != SMOLLM2 else source, dtype, "sdpa")
     tokenizer.padding_side = "left"
     if lora_rank is None:
         model.requires_grad_(True)

@@ -26,15 +26,16 @@ def smollm2_gguf() -> Path:
     return files[0]
 
 
-def load_causal_lm(source: str = SMOLLM2, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
-    """(model, tokenizer) with eager attention (twice differentiable), in eval mode.
+def load_causal_lm(source: str = SMOLLM2, dtype: torch.dtype = torch.float32,
+                   attention: str = "eager") -> tuple[nn.Module, object]:
+    """(model, tokenizer) in eval mode; eager attention by default (twice differentiable: SFT targets).
 
     `source` is `smollm2` (offline GGUF), a local model folder, or a hub id already in the local cache
     (nothing is downloaded: this machine may have no network).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict = {"attn_implementation": "eager", "dtype": dtype}
+    kwargs: dict = {"attn_implementation": attention, "dtype": dtype}
     if source == SMOLLM2:
         gguf = smollm2_gguf()
         where, kwargs["gguf_file"] = str(gguf.parent), gguf.name

@@ -80,7 +80,7 @@ class PromptConfig:
     """Prompts per outer iteration (each gets rollouts.n_rollouts completions)."""
     template: str | None = None
     """Prompt template with `{text}`; None: 'rephrase this article in different terms' (SPEC §5)."""
-    max_prompt_tokens: int = 256
+    max_prompt_tokens: int = 160
     """Article text is cut so that the chat-formatted prompt fits in this many generator tokens."""
 
     def __post_init__(self) -> None:
@@ -181,11 +181,11 @@ class DPGConfig:
     target: TargetConfig = field(default_factory=TargetConfig)
     generator: GeneratorConfig = field(default_factory=lambda: GeneratorConfig(lora_rank=16))
     prompts: PromptConfig = field(default_factory=PromptConfig)
-    rollouts: RolloutConfig = field(default_factory=lambda: RolloutConfig(n_rollouts=4, max_new_tokens=48))
+    rollouts: RolloutConfig = field(default_factory=lambda: RolloutConfig(n_rollouts=4, max_new_tokens=32))
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(optimizer="sgd", lr=0.5, microbatch=2, grad_accum=1,
                                                              max_len=64))
     rewards: RewardConfig = field(default_factory=RewardConfig)
-    policy: PolicyConfig = field(default_factory=lambda: PolicyConfig(lr=2e-4))  # LoRA wants a larger lr
+    policy: PolicyConfig = field(default_factory=lambda: PolicyConfig(lr=2e-4, microbatch=4))  # LoRA: larger lr
     storage: StorageConfig = field(default_factory=StorageConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
