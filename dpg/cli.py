@@ -164,7 +164,12 @@ def print_status(cfg) -> None:
         done = "all" if len(stages) == len(names) else ",".join(s.split("-")[0] for s in stages) or "none"
         print(f"{it:4d}  {len(stages)}/{len(names)} {done[:24]:24s} {m.get('eval_phi', float('nan')):13.6g} "
               f"{(f'{human[0]}={human[1]:.3g}' if human else ''):>24s} {m.get('reward_mean', float('nan')):12.3e}")
-    print(f"audit table: {stage_url(cfg, 0, 'rewards')}/<digest>.parquet (records.parquet in each manifest)")
+    last = next((it for it in reversed(range(cfg.outer_iterations))
+                 if io.read_manifest(stage_url(cfg, it, "rewards"), options)), None)
+    if last is not None:
+        entry = io.read_manifest(stage_url(cfg, last, "rewards"), options)["files"]["records.parquet"]
+        print(f"audit table (rollouts + rewards) of iteration {last}: "
+              f"{io.join(stage_url(cfg, last, 'rewards'), entry['file'])}")
     uri = tracking_uri(cfg)
     print(f"MLflow: {uri}   open with: mlflow ui --backend-store-uri {uri}")
     print("Prefect: prefect server start   (then open http://127.0.0.1:4200; runs of this machine's PREFECT_HOME)")

@@ -54,7 +54,11 @@ def start_tracking(cfg: DPGConfig, flow_run_id: str = "") -> str:
     mc = client(cfg)
     try:
         experiment = mc.get_experiment_by_name(cfg.tracking.experiment)
-        experiment_id = experiment.experiment_id if experiment else mc.create_experiment(cfg.tracking.experiment)
+        # the default sqlite store lives in the run folder: keep its artifacts there too (not ./mlruns)
+        db = tracking_uri(cfg).removeprefix("sqlite:///")
+        local = None if cfg.tracking.uri else os.path.join(os.path.dirname(db), "mlartifacts")
+        experiment_id = experiment.experiment_id if experiment else \
+            mc.create_experiment(cfg.tracking.experiment, artifact_location=local)
         found = mc.search_runs([experiment_id], f"tags.`dpg.run_id` = '{cfg.run_id}'", max_results=1)
     except Exception as e:  # connection refused, bad URI, ...: one line, resumable once fixed
         raise DPGError(f"MLflow tracking at {tracking_uri(cfg)} is unreachable ({type(e).__name__}: "
