@@ -98,6 +98,8 @@ def quiet_offline_env() -> None:
     for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
                        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                        "PREFECT_HOME": os.path.abspath(".dpg/prefect"),
+                       # a dead tracking server fails in seconds, not after MLflow's 7 retries x 120 s timeouts
+                       "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
                        # the temporary API server can take over 20 s to start on a busy 2-core machine
                        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
         os.environ.setdefault(key, value)
