@@ -197,11 +197,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set or [])
     quiet_offline_env()
-    from prefect.settings import PREFECT_API_URL
+    from flows.deployments import api_url, deploy, workers_config
 
-    from flows.deployments import deploy, workers_config
-
-    api = PREFECT_API_URL.value()
+    api = api_url()
     if not api:
         raise DPGError("PREFECT_API_URL is not set: deployments live on a Prefect server; start one "
                        "(infra/start-prefect-server.sh) and export PREFECT_API_URL=http://127.0.0.1:4200/api")

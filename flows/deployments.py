@@ -44,6 +44,13 @@ SFT_FLOW, UPDATE_FLOW = "dpg-sft-group", "dpg-update-generator"
 POLL_SECONDS = 2.0
 
 
+def api_url() -> str | None:
+    """The Prefect API that deployments are registered with (env or profile), None in ephemeral mode."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
 # --- the GPU-stage flows (what a GPU worker runs) ---------------------------------------------------------
 
 
