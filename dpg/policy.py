@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from dpg.config import _int, _real, _require, build
 from dpg.errors import DPGError
+from dpg.generator import sequence_logprobs
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def _optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
     return max((int(s["step"]) for s in optimizer.state.values() if "step" in s), default=0)
 
 
-def _reference_logprobs(model, ref_model, prompt_ids, completion_ids, kl_coef, chunk, sequence_logprobs):
+def _reference_logprobs(model, ref_model, prompt_ids, completion_ids, kl_coef, chunk):
     if ref_model is None and kl_coef > 0 and not hasattr(model, "disable_adapter"):
         raise DPGError(f"policy.kl_coef={kl_coef} needs the initial generator; pass ref_model=..., use a peft "
                        "model (its adapters are switched off for the reference) or set policy.kl_coef=0")
@@ -165,8 +166,6 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, prompt_ids
     Every optimizer step clips the global gradient norm to `config.max_grad_norm`. Returns loss,
     clip_fraction, kl, ratio_mean (token means), grad_norm (mean pre-clip norm over steps) and steps.
     """
-    from dpg.generator import sequence_logprobs  # lazily: the generator module is optional for this file
-
     S = len(prompt_ids)
     A = torch.as_tensor(advantages).detach()
     if not (S == len(completion_ids) == len(old_logprobs) and A.shape == (S,)):
@@ -179,7 +178,7 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, prompt_ids
     chunk = min(config.microbatch or minibatch, minibatch)
     was_training = model.training
     model.eval()
-    ref = _reference_logprobs(model, ref_model, prompt_ids, completion_ids, config.kl_coef, chunk, sequence_logprobs)
+    ref = _reference_logprobs(model, ref_model, prompt_ids, completion_ids, config.kl_coef, chunk)
     totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "ratio_mean": 0.0, "grad_norm": 0.0, "tokens": 0.0}
     steps = 0
     try:

@@ -1,9 +1,7 @@
 """The GRPO generator update: gradients against hand derivations, a toy RL run, and bit-identical resume."""
 
 import math
-import sys
 import time
-import types
 
 import pytest
 import torch
@@ -12,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from dpg.advantages import group_advantages
 from dpg.errors import DPGError
+from dpg.generator import sequence_logprobs
 from dpg.policy import (
     PolicyConfig,
     grpo_loss,
@@ -25,32 +24,7 @@ GOOD = 5  # the toy reward: how often the completion contains this token
 PROMPTS = [[1, 2, 3], [4, 6, 7], [8, 9, 10], [11, 12, 13]]
 
 
-def _sequence_logprobs(model, prompt_ids, completion_ids):
-    """Stand-in for dpg.generator.sequence_logprobs while that module is missing or mid-edit."""
-    rows = [p + c for p, c in zip(prompt_ids, completion_ids)]
-    L = max(map(len, rows))
-    ids = torch.tensor([r + [0] * (L - len(r)) for r in rows])  # (B, L), right padded
-    mask = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows])
-    logp = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)  # (B, L, V)
-    return [logp[b, len(p) - 1:len(p) - 1 + len(c)].gather(-1, ids[b, len(p):len(p) + len(c), None]).squeeze(-1)
-            for b, (p, c) in enumerate(zip(prompt_ids, completion_ids))]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine thread spinning costs ~50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _generator_module(monkeypatch):
-    try:
-        from dpg.generator import sequence_logprobs  # noqa: F401
-    except Exception:  # not written yet, or being edited: policy_update imports it lazily
-        monkeypatch.setitem(sys.modules, "dpg.generator", types.SimpleNamespace(sequence_logprobs=_sequence_logprobs))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def generator(seed: int = 0) -> LlamaForCausalLM:
@@ -72,7 +46,6 @@ def sample(model, n: int, length: int, gen: torch.Generator | None = None):
 
 def rl_step(model, optimizer, config, n=8, length=8, gen=None) -> float:
     """Sample, reward (frequency of GOOD), group-normalise by prompt, update; returns the mean reward."""
-    from dpg.generator import sequence_logprobs
 
     prompts, completions = sample(model, n, length, gen)
     rewards = torch.tensor([c.count(GOOD) / len(c) for c in completions], dtype=torch.float64)
@@ -198,7 +171,6 @@ def test_mean_reward_rises_on_a_toy_token_frequency_reward():
 
 
 def test_kl_penalty_needs_a_reference_and_a_peft_model_serves_as_its_own():
-    from dpg.generator import sequence_logprobs
 
     prompts, completions = sample(generator(0), 2, 4, torch.Generator().manual_seed(0))
     advantages = torch.tensor([1.0, -1.0] * len(PROMPTS), dtype=torch.float64)

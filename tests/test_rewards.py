@@ -33,13 +33,7 @@ def rollouts(cross_group: bool) -> list[Rollout]:
             for p in range(PROMPTS) for k in range(ROLLOUTS)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine thread spinning costs ~50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
