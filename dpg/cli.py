@@ -127,7 +127,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     """Continue a stored run from its first incomplete stage (its config.json is the config)."""
     import json
 
-    from dpg.runconfig import load_config
+    from dpg.runconfig import NOT_IDENTITY, load_config
     from tasks import io
 
     try:
@@ -136,7 +136,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise DPGError(f"{args.run} holds no config.json; give a run folder, e.g. runs/dpg-<hash>") from None
     for item in args.set or []:
         key, _, value = item.partition("=")
-        if key not in ("outer_iterations",) and not key.startswith(("storage.", "tracking.", "execution.")):
+        if key.split(".")[0] not in NOT_IDENTITY:
             raise DPGError(f"--set {key} would change the run's results; only outer_iterations, storage.*, "
                            "tracking.* and execution.* can change on resume")
     cfg = load_config(None, args.set or [], base=data)

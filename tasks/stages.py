@@ -27,7 +27,7 @@ from dpg.errors import DPGError
 from dpg.generator import load_generator
 from dpg.policy import load_policy_state, policy_optimizer, save_policy_state
 from dpg.records import Reward, Rollout, SFTRun, as_rows
-from dpg.runconfig import DPGConfig, differing_keys
+from dpg.runconfig import NOT_IDENTITY, DPGConfig, differing_keys
 from tasks import io
 
 
@@ -61,8 +61,7 @@ def prepare_run(cfg: DPGConfig) -> str:
     except FileNotFoundError:
         io.write_bytes(url, json.dumps(cfg.to_dict(), indent=1, sort_keys=True, default=str).encode(), options)
         return run_url(cfg)
-    keys = differing_keys({k: v for k, v in stored.items() if k not in ("outer_iterations", "storage", "tracking",
-                                                                       "execution")}, cfg.identity())
+    keys = differing_keys({k: v for k, v in stored.items() if k not in NOT_IDENTITY}, cfg.identity())
     if keys:
         raise DPGError(f"run {cfg.run_id} at {run_url(cfg)} was started with a different config "
                        f"({', '.join(keys)}); resume with the original config or start a new run")
