@@ -13,8 +13,11 @@ rewards by any c > 0 leaves the advantages unchanged.
 
 Failures are errors, never zeros: a non-finite reward, or a batch whose rewards are all equal (no
 learning signal at all: usually a broken reward or target), raises `DPGError` naming the iteration,
-the group and the values. A *single* constant group inside a varying batch is a legitimate outcome
-(every rollout of that prompt did equally well), and its members get advantage exactly 0.
+the group and the values. With `constant_ok=True` a constant (flat) batch instead gives advantages
+exactly 0 and scale 0.0, for a caller that handles it (`dpg.loop.advantages` skips the generator update
+and stops the run after rewards.max_flat_batches flat batches in a row); non-finite rewards still raise.
+A *single* constant group inside a varying batch is a legitimate outcome (every rollout of that prompt
+did equally well), and its members get advantage exactly 0.
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ _SHOW = 8  # values shown in an error message
 
 
 def group_advantages(rewards: Tensor, group_ids: Tensor, eps_fraction: float = 1e-3,
-                     where: str = "this batch") -> tuple[Tensor, float]:
+                     where: str = "this batch", constant_ok: bool = False) -> tuple[Tensor, float]:
     """(advantages float64 (n,), scale) with scale = std_batch(r), the batch's population std.
 
     rewards: (n,) raw rewards (e.g. tau_i = dPhi/dw_i); computed in float64 whatever their dtype.
     group_ids: (n,) integer GRPO group of each reward; pass the rollouts' prompt_id.
     eps_fraction: ε as a fraction of std_batch (> 0). where: names the batch in errors, e.g. "outer iteration 3".
+    constant_ok: a batch whose rewards are all equal returns (zeros, 0.0) instead of raising.
     """
     r = torch.as_tensor(rewards).detach().to(device="cpu", dtype=torch.float64)
     g = torch.as_tensor(group_ids).detach().cpu()
@@ -49,6 +53,8 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, eps_fraction: float = 1
                            "the reward computation failed: check its SFT run (lower sft.lr) or the target")
     scale = float(r.std(correction=0))
     if scale == 0.0 or bool((r == r[0]).all()):
+        if constant_ok:
+            return torch.zeros_like(r), 0.0
         raise DPGError(f"{where}: all {r.numel()} rewards equal {float(r[0])!r} across {len(groups)} group(s) "
                        f"(e.g. group {groups[0][0]}: {_values(r[groups[0][1]])}); there is no learning signal: "
                        "check the reward, the target metric and that sft.lr moves the target")

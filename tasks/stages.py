@@ -19,12 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from dpg import loop
 from dpg.errors import DPGError
 from dpg.generator import load_generator
+from dpg.models import seeded
 from dpg.policy import load_policy_state, policy_optimizer, save_policy_state
 from dpg.records import Reward, Rollout, SFTRun, as_rows
 from dpg.runconfig import NOT_IDENTITY, DPGConfig, differing_keys
@@ -72,15 +74,20 @@ def prepare_run(cfg: DPGConfig) -> str:
 
 
 @functools.lru_cache(maxsize=2)
-def _base_generator(source: str, lora_rank: int | None, lora_alpha: float | None):
-    return load_generator(source, lora_rank, lora_alpha)
+def _base_generator(source: str, lora_rank: int | None, lora_alpha: float | None, seed: int = 0, toy: str = "{}"):
+    """The initial generator; its LoRA adapters (and a toy's weights) are drawn from `seed`, the run's seed."""
+    return load_generator(source, lora_rank, lora_alpha, seed=seed, toy=json.loads(toy))
+
+
+def base_generator(cfg: DPGConfig):
+    g = cfg.generator
+    return _base_generator(g.source, g.lora_rank, g.lora_alpha, cfg.seed, json.dumps(g.toy, sort_keys=True))
 
 
 @functools.lru_cache(maxsize=2)
 def _target(cfg_json: str):
     cfg = DPGConfig.from_dict(json.loads(cfg_json))
-    return loop.load_target(cfg, _base_generator(cfg.generator.source, cfg.generator.lora_rank,
-                                                 cfg.generator.lora_alpha)[1])
+    return loop.load_target(cfg, base_generator(cfg)[1])
 
 
 def target_for(cfg: DPGConfig):
@@ -89,7 +96,7 @@ def target_for(cfg: DPGConfig):
 
 def generator_at(cfg: DPGConfig, it: int):
     """(model, tokenizer, optimizer, version) of the generator that samples iteration `it`."""
-    base, tokenizer = _base_generator(cfg.generator.source, cfg.generator.lora_rank, cfg.generator.lora_alpha)
+    base, tokenizer = base_generator(cfg)
     model = copy.deepcopy(base)
     optimizer = policy_optimizer(model, cfg.policy)
     version = "base"
@@ -99,7 +106,7 @@ def generator_at(cfg: DPGConfig, it: int):
         if manifest is None:
             raise DPGError(f"iteration {it} needs the generator of iteration {it - 1}, but {url} is incomplete; "
                            "resume the run so that it is recomputed")
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng(devices=[]):  # the RNG it stores stays there
             for name in manifest["files"]:
                 Path(tmp, name).write_bytes(io.read_file(url, name, cfg.storage.storage_options, manifest))
             load_policy_state(tmp, model, optimizer)
@@ -153,11 +160,22 @@ def sft_group(cfg: DPGConfig, it: int, rollouts_url: str, group: int) -> str:
     return url
 
 
+def flat_in_a_row(cfg: DPGConfig, it: int) -> int:
+    """Flat batches in a row that end with iteration `it`, from its stored rewards stage (0 before iteration 0)."""
+    manifest = io.read_manifest(stage_url(cfg, it, "rewards"), cfg.storage.storage_options) if it >= 0 else None
+    return int(manifest["meta"]["metrics"].get("flat_batches_in_a_row", 0)) if manifest else 0
+
+
 @task(cache_policy=NO_CACHE)
 def compute_advantages(cfg: DPGConfig, it: int, rollouts_url: str, group_urls: list[str]) -> str:
-    """Join the groups' rewards, normalise them, and write the audit table (rollouts + rewards, one row each)."""
+    """Join the groups' rewards, normalise them, and write the audit table (rollouts + rewards, one row each).
+
+    Metrics add flat_batches_in_a_row (from the previous iteration's stored metrics, so resume counts alike);
+    the run stops here, also when resumed, at the rewards.max_flat_batches-th flat batch in a row.
+    """
     url = stage_url(cfg, it, "rewards")
     if done(cfg, url):
+        loop.check_flat_batches(cfg, it, flat_in_a_row(cfg, it))
         return url
     options = cfg.storage.storage_options
     rollouts = read_records(cfg, rollouts_url, "rollouts.parquet", Rollout)
@@ -174,9 +192,14 @@ def compute_advantages(cfg: DPGConfig, it: int, rollouts_url: str, group_urls: l
         validate="one_to_one")
     table["n_tokens"] = table["token_ids"].map(len)
     metrics = loop.summary(rewards, runs)
+    metrics["flat_batches_in_a_row"] = float(flat_in_a_row(cfg, it - 1) + 1 if metrics["flat_batch"] else 0)
     io.write_stage(url, {"rewards.parquet": pd.DataFrame(as_rows(rewards)), "records.parquet": table,
                          "sft_runs.parquet": pd.DataFrame(as_rows(runs))},
                    {"config_hash": cfg.hash, "metrics": metrics}, options)
+    if metrics["empty_completions"]:
+        get_run_logger().warning("iteration %d: %d empty completion(s) got no reward (tau NaN, advantage 0)", it,
+                                 int(metrics["empty_completions"]))
+    loop.check_flat_batches(cfg, it, int(metrics["flat_batches_in_a_row"]))
     return url
 
 
@@ -205,15 +228,29 @@ def update_generator(cfg: DPGConfig, it: int, rollouts_url: str, rewards_url: st
         return url
     rollouts = read_records(cfg, rollouts_url, "rollouts.parquet", Rollout)
     rewards = read_records(cfg, rewards_url, "rewards.parquet", Reward)
-    model, _, optimizer, _ = generator_at(cfg, it)
-    start = time.perf_counter()
-    stats = loop.update(cfg, model, optimizer, rollouts, rewards)
+    options, start = cfg.storage.storage_options, time.perf_counter()
+    if loop.is_flat(rewards) and it > 0:  # no update: iteration it-1's state, file for file (the same version)
+        previous = stage_url(cfg, it - 1, "generator")
+        manifest = done(cfg, previous)
+        if manifest is None:
+            raise DPGError(f"iteration {it} keeps the generator of iteration {it - 1}, but {previous} is incomplete; "
+                           "resume the run so that it is recomputed")
+        files = {name: io.read_file(previous, name, options, manifest) for name in manifest["files"]}
+        stats, version = {"skipped": 1.0}, manifest["meta"]["version"]
+    else:
+        model, _, optimizer, _ = generator_at(cfg, it)
+        # the update's draws (if any) and the RNG state saved with the policy: a function of the run, not the process
+        with seeded(loop.stage_seed(cfg.seed, it, "generator")), tempfile.TemporaryDirectory() as tmp:
+            stats = loop.update(cfg, model, optimizer, rollouts, rewards)  # {"skipped": 1.0} for a flat batch
+            state = save_policy_state(Path(tmp, "state"), model, optimizer, {"outer_iteration": it})
+            files = {p.name: p.read_bytes() for p in sorted(state.iterdir())}
+        version = io.digest(b"".join(files.values()))[:16]
     seconds = time.perf_counter() - start
-    with tempfile.TemporaryDirectory() as tmp:
-        state = save_policy_state(Path(tmp, "state"), model, optimizer, {"outer_iteration": it})
-        files = {p.name: p.read_bytes() for p in sorted(state.iterdir())}
-    version = io.digest(b"".join(files.values()))[:16]
     io.write_stage(url, files, {"config_hash": cfg.hash, "version": version, "stats": stats, "seconds": seconds},
-                   cfg.storage.storage_options)
-    get_run_logger().info("iteration %d: generator update %s in %.1f s", it, stats, seconds)
+                   options)
+    if stats.get("skipped"):
+        get_run_logger().warning("iteration %d: a flat batch (no reward spread): the generator update is skipped, "
+                                 "the generator stays at version %s", it, version)
+    else:
+        get_run_logger().info("iteration %d: generator update %s in %.1f s", it, stats, seconds)
     return url

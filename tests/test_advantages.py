@@ -5,8 +5,11 @@ import math
 import pytest
 import torch
 
+from dpg import loop
 from dpg.advantages import group_advantages
 from dpg.errors import DPGError
+from dpg.records import Rollout
+from dpg.runconfig import DPGConfig, load_config
 
 
 def test_advantages_match_hand_computation():
@@ -72,3 +75,50 @@ def test_advantages_reject_bad_inputs():
         group_advantages(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0]))
     with pytest.raises(DPGError, match="eps_fraction"):
         group_advantages(torch.tensor([1.0, 2.0]), torch.tensor([0, 0]), eps_fraction=0)
+
+
+def test_constant_ok_gives_zeros_for_a_flat_batch_but_non_finite_still_raises():
+    A, scale = group_advantages(torch.full((4,), 0.5, dtype=torch.float64), torch.tensor([0, 0, 1, 1]),
+                                constant_ok=True)
+    assert A.tolist() == [0.0] * 4 and scale == 0.0
+    with pytest.raises(DPGError, match="non-finite reward"):
+        group_advantages(torch.tensor([0.5, math.nan, 0.5, 0.5], dtype=torch.float64), torch.tensor([0, 0, 1, 1]),
+                         constant_ok=True)
+
+
+def rollouts(texts):
+    return [Rollout(example_id=f"2-{p}-{k}", outer_iteration=2, prompt_id=p, rollout_index=k, group_id=k, prompt="",
+                    text=texts[2 * p + k], prompt_token_ids=[3], token_ids=[4], logprobs=[-1.0], finish_reason="stop",
+                    generator_version="v") for p in range(2) for k in range(2)]
+
+
+def test_a_flat_batch_through_loop_advantages_gives_zeros_and_the_flag():
+    cfg = DPGConfig()
+    records = rollouts(["a", "b", "c", ""])
+    flat = loop.advantages(cfg, records, {"2-0-0": 1e-9, "2-0-1": 1e-9, "2-1-0": 1e-9, "2-1-1": math.nan})
+    assert [w.advantage for w in flat] == [0.0] * 4 and all(w.tau_scale == 0.0 for w in flat)
+    assert loop.is_flat(flat) and [w.empty for w in flat] == [False, False, False, True]
+    metrics = loop.summary(flat, [])
+    assert metrics["flat_batch"] == 1.0 and metrics["empty_completions"] == 1.0 and metrics["reward_mean"] == 1e-9
+    assert loop.update(cfg, None, None, records, flat) == {"skipped": 1.0}  # the GRPO step is skipped
+    nothing = loop.advantages(cfg, records[3:], {"2-1-1": math.nan})  # only an empty completion: flat, no error
+    assert loop.is_flat(nothing) and math.isnan(loop.summary(nothing, [])["reward_mean"])
+
+    varying = loop.advantages(cfg, records, {"2-0-0": 1.0, "2-0-1": 2.0, "2-1-0": 3.0, "2-1-1": math.nan})
+    assert not loop.is_flat(varying) and loop.summary(varying, [])["flat_batch"] == 0.0
+    assert varying[0].advantage < 0 < varying[1].advantage and varying[3].advantage == 0.0
+    assert math.isnan(varying[3].tau) and varying[2].advantage == 0.0  # prompt 1 has one reward: a group of one
+    with pytest.raises(DPGError, match="non-finite reward"):  # NaN for a non-empty completion is a failure
+        loop.advantages(cfg, records, {"2-0-0": 1.0, "2-0-1": math.nan, "2-1-0": 3.0, "2-1-1": 4.0})
+    with pytest.raises(DPGError, match="no reward for 1 rollout"):
+        loop.advantages(cfg, records, {"2-0-0": 1.0, "2-0-1": 2.0, "2-1-0": 3.0})
+
+
+def test_the_run_stops_at_the_max_flat_batches_th_flat_batch_in_a_row():
+    cfg = load_config(None, ["rewards.max_flat_batches=2"])
+    loop.check_flat_batches(cfg, 4, 1)  # one flat batch: the run goes on
+    with pytest.raises(DPGError, match=r"outer iteration 5: 2 flat batches in a row \(rewards.max_flat_batches=2\)"):
+        loop.check_flat_batches(cfg, 5, 2)
+    for bad in (0, 1.5, True):
+        with pytest.raises(DPGError, match=f"rewards.max_flat_batches={bad!r} is invalid; use an integer >= 1"):
+            load_config(None, [f"rewards.max_flat_batches={bad}"])

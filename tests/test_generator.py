@@ -139,28 +139,29 @@ def test_sequence_logprobs_rejects_mismatched_or_empty_prompts():
         sequence_logprobs(model, [[]], [[5]])
 
 
-def test_to_target_examples_truncates_pads_masks_and_maps_back(caplog):
+def test_to_target_examples_truncates_pads_masks_and_keeps_empty_completions_in_their_slots(caplog):
     tok = make_tokenizer()  # pad id 0, eos id 1
     rollouts = [rollout("the cat sat", 0), rollout("", 1), rollout("a dog ran far away from home", 2),
                 rollout("  \n", 3), rollout("mat", 4)]
     with caplog.at_level(logging.WARNING, logger="dpg.generator"):
-        ids, mask, kept, n_tokens = to_target_examples(rollouts, tok, max_len=5)
-    assert kept == [0, 2, 4] and n_tokens == [4, 5, 2]
-    assert "dropped 2 of 5 empty completions" in caplog.text
-    assert ids.tolist() == [[3, 4, 5, 1, 0], [8, 9, 10, 11, 12], [7, 1, 0, 0, 0]]  # row 2: truncated, no eos
-    assert mask.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+        ids, mask, empty, n_tokens = to_target_examples(rollouts, tok, max_len=5)
+    assert empty == [False, True, False, True, False] and n_tokens == [4, 1, 5, 1, 2]
+    assert "2 of 5 completions are empty" in caplog.text
+    assert ids.tolist() == [[3, 4, 5, 1, 0], [1, 0, 0, 0, 0], [8, 9, 10, 11, 12], [1, 0, 0, 0, 0],
+                            [7, 1, 0, 0, 0]]  # row 2: truncated, no eos; rows 1 and 3: one eos token
+    assert mask.tolist() == [[1, 1, 1, 1, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]
 
 
 def test_to_target_examples_pads_with_eos_without_a_pad_token_and_never_masks_by_id():
     tok = make_tokenizer(pad_token=None)
-    ids, mask, kept, _ = to_target_examples([rollout("the cat"), rollout("dog")], tok, max_len=4)
-    assert ids.tolist() == [[3, 4, 1, 1], [9, 1, 1, 1]]
+    ids, mask, empty, _ = to_target_examples([rollout("the cat"), rollout("dog")], tok, max_len=4)
+    assert ids.tolist() == [[3, 4, 1, 1], [9, 1, 1, 1]] and empty == [False, False]
     assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]  # the real eos counts, the eos padding does not
 
 
-def test_to_target_examples_raises_when_every_completion_is_empty():
-    with pytest.raises(DPGError, match="all 2 completions are empty"):
-        to_target_examples([rollout(""), rollout(" ")], make_tokenizer(), max_len=8)
+def test_to_target_examples_keeps_a_batch_of_only_empty_completions():
+    ids, mask, empty, _ = to_target_examples([rollout(""), rollout(" ")], make_tokenizer(pad_token=None), max_len=3)
+    assert empty == [True, True] and ids.tolist() == [[1, 1, 1], [1, 1, 1]] and mask.tolist() == [[1, 0, 0]] * 2
     with pytest.raises(DPGError, match="max_len=1"):
         to_target_examples([rollout("cat")], make_tokenizer(), max_len=1)
 
@@ -202,6 +203,25 @@ def test_load_generator_full_or_lora_from_a_local_folder(tmp_path):
     assert torch.allclose(torch.tensor(rollouts[0].logprobs), lp[0].detach(), atol=1e-5)
     lp[0].sum().backward()  # gradients reach the adapters only
     assert all(p.grad is not None for n, p in lora.named_parameters() if p.requires_grad and "lora_B" in n)
+
+
+def test_load_generator_lora_is_a_function_of_the_seed_and_leaves_the_global_rng_alone(tmp_path):
+    model, tok = tiny_generator()
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+
+    def adapters(seed):
+        state = torch.get_rng_state()
+        lora, _ = load_generator(str(tmp_path), lora_rank=4, seed=seed)
+        assert torch.equal(torch.get_rng_state(), state)  # the global RNG is neither advanced nor reseeded
+        return {n: p.detach().clone() for n, p in lora.named_parameters() if "lora_" in n}
+
+    a, b = adapters(3), adapters(3)
+    torch.rand(5)  # whatever the global RNG did in between
+    c, other = adapters(3), adapters(4)
+    assert a and a.keys() == b.keys() == c.keys() == other.keys()
+    assert all(torch.equal(a[n], b[n]) and torch.equal(a[n], c[n]) for n in a)
+    assert any(not torch.equal(a[n], other[n]) for n in a if "lora_A" in n)
 
 
 def test_load_generator_bad_inputs_raise_one_clear_error(tmp_path):

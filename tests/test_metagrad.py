@@ -108,6 +108,26 @@ def test_padding_never_counts_when_pad_equals_eos(normalization):
     torch.testing.assert_close(padded.scores, base.scores, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("normalization", ["max_len", "tokens"])
+def test_a_one_token_row_has_tau_exactly_zero_and_counts_as_weight_zero(optimizer, normalization):
+    """An empty completion's SFT row (dpg.generator.to_target_examples): one token, no predicted token."""
+    model = tiny_model("llama")
+    ids, mask = random_data(N, LENGTH)
+    ids[5], mask[5] = 1, 0
+    mask[5, 0] = 1  # the eos alone
+    target = dpg.get_target("pattern:67", model)
+    cfg = config(optimizer, loss_normalization=normalization)
+    kept = dpg.metagradients(model, ids, mask, target, cfg)
+    weights = torch.ones(N, dtype=torch.float64)
+    weights[5] = 0.0
+    zero = dpg.metagradients(model, ids, mask, target, cfg, weights=weights)
+    assert kept.scores[5].item() == 0.0 and zero.scores[5].item() == 0.0  # exactly, not ~1e-17
+    others = [i for i in range(N) if i != 5]
+    assert torch.equal(kept.scores[others], zero.scores[others])  # bit for bit: the row adds exact zeros
+    assert (kept.scores[others] != 0).all() and kept.value_after == zero.value_after
+
+
 def test_train_matches_torch_optim_sgd_step_for_step():
     model = tiny_model("gpt2")
     ids, mask = random_data(12, LENGTH)

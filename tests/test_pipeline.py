@@ -117,3 +117,112 @@ def test_changed_config_refuses_to_resume_naming_the_keys(prefect_harness, tiny_
     (tmp_path / cfg.run_id / "config.json").write_text(json.dumps(stored))
     with pytest.raises(DPGError, match=r"different config \(sft.lr\)"):
         prepare_run.fn(cfg)
+
+
+def records_of(cfg, it):
+    return io.read_table(stage_url(cfg, it, "rewards"), "records.parquet", cfg.storage.storage_options)
+
+
+def metrics_of(cfg, it, stage="rewards"):
+    return io.read_manifest(stage_url(cfg, it, stage), cfg.storage.storage_options)["meta"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_naive_reward_through_the_flow_with_inverse_groups(prefect_harness, tiny_generator_dir, texts_file, tmp_path):
+    from flows.optimize import optimize
+
+    cfg = tiny_config(tiny_generator_dir, texts_file, str(tmp_path), f"sqlite:///{tmp_path}/m.db",
+                      **{"rewards.name": "naive"})
+    optimize(cfg)
+    for it in range(2):
+        records = records_of(cfg, it)
+        runs = io.read_table(stage_url(cfg, it, "rewards"), "sft_runs.parquet").set_index("group_id")
+        assert len(records) == 4 and (records["reward"] == "naive").all() and sorted(runs.index) == [0, 1]
+        for g, group in records[~records["empty"]].groupby("group_id"):  # one scalar per SFT run (inverse group)
+            assert group["tau"].tolist() == [runs.loc[g, "phi_after"] - runs.loc[g, "phi_before"]] * len(group)
+        assert records["tau"].nunique() == 2 and io.verify_stage(stage_url(cfg, it, "report"))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_two_runs_with_lora_write_identical_stages_and_leave_the_global_rng_alone(
+        prefect_harness, tiny_generator_dir, texts_file, tmp_path):
+    import torch
+
+    import tasks.stages
+    from flows.optimize import optimize
+
+    runs = []
+    for name in ("a", "b"):
+        tasks.stages._base_generator.cache_clear()  # load the generator and the target again, as a new process would
+        tasks.stages._target.cache_clear()
+        cfg = tiny_config(tiny_generator_dir, texts_file, str(tmp_path / name), f"sqlite:///{tmp_path}/{name}.db",
+                          **{"generator.lora_rank": 2})
+        state = torch.get_rng_state()
+        optimize(cfg)
+        assert torch.equal(torch.get_rng_state(), state)  # no stage reads, reseeds or advances the global RNG
+        torch.rand(7)  # and whatever it does in between cannot change the next run
+        runs.append(cfg)
+    a, b = runs
+    assert metrics_of(a, 1, "generator")["stats"]["steps"] == 1.0  # the adapters were trained
+    for it in range(2):
+        for name in STAGES[:-1]:
+            assert stage_digests(a, it, name)[0] == stage_digests(b, it, name)[0], (it, name)
+        timeless = [{k: v for k, v in metrics_of(cfg, it, "report")["metrics"].items() if not k.startswith("seconds_")}
+                    for cfg in runs]  # the report's metrics also hold the stage timings
+        assert timeless[0] == timeless[1] and "policy_loss" in timeless[0]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_an_empty_completion_stays_in_its_sft_slot_through_the_flow(prefect_harness, tiny_generator_dir,
+                                                                    texts_file, tmp_path):
+    from flows.optimize import optimize
+
+    # one generator token per rollout: with rollouts.seed=1 the first rollout of prompt 0 is the eos, so SFT group 0
+    # holds one empty and one real completion, in one microbatch of 2 (dropping it left 1 example: an error)
+    cfg = tiny_config(tiny_generator_dir, texts_file, str(tmp_path), f"sqlite:///{tmp_path}/m.db",
+                      **{"rollouts.max_new_tokens": 1, "rollouts.seed": 1, "sft.microbatch": 2})
+    optimize(cfg)
+    records = records_of(cfg, 0)
+    empty = records[records["empty"]]
+    assert empty["example_id"].tolist() == ["0-0-0"] and empty["token_ids"].map(list).tolist() == [[1]]
+    assert empty["tau"].isna().all() and (empty["advantage"] == 0.0).all()
+    real = records[~records["empty"]]
+    assert real["tau"].notna().all() and (real["advantage"] != 0).any()
+    meta = metrics_of(cfg, 0)["metrics"]
+    assert meta["empty_completions"] == 1.0 and meta["flat_batch"] == 0.0
+    runs = io.read_table(stage_url(cfg, 0, "rewards"), "sft_runs.parquet")
+    assert runs["n_examples"].tolist() == [2, 2]  # the empty completion kept its slot
+    assert metrics_of(cfg, 0, "generator")["stats"]["steps"] == 1.0
+    assert io.verify_stage(stage_url(cfg, 1, "report"))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_flat_batches_skip_the_update_until_max_flat_batches_in_a_row_stop_the_run(
+        prefect_harness, tiny_generator_dir, texts_file, tmp_path, monkeypatch):
+    from dpg.errors import DPGError
+    from flows.optimize import optimize
+
+    cfg = tiny_config(tiny_generator_dir, texts_file, str(tmp_path), f"sqlite:///{tmp_path}/m.db",
+                      **{"rewards.name": "plugin_reward:constant", "rewards.max_flat_batches": 3,
+                         "outer_iterations": 4})
+    with pytest.raises(DPGError, match=r"outer iteration 2: 3 flat batches in a row \(rewards.max_flat_batches=3\)"):
+        optimize(cfg)
+    for it in range(3):
+        meta = metrics_of(cfg, it)["metrics"]
+        assert (meta["flat_batch"], meta["flat_batches_in_a_row"]) == (1.0, it + 1)
+        assert (records_of(cfg, it)["advantage"] == 0.0).all() and (records_of(cfg, it)["tau"] == 0.25).all()
+    for it in range(2):  # skipped updates: the state goes on unchanged, the report is logged
+        assert metrics_of(cfg, it, "generator")["stats"] == {"skipped": 1.0}
+        assert io.verify_stage(stage_url(cfg, it, "report"))
+    assert stage_digests(cfg, 1, "generator")[0] == stage_digests(cfg, 0, "generator")[0]
+    version = metrics_of(cfg, 0, "generator")["version"]
+    assert metrics_of(cfg, 1, "generator")["version"] == version
+    assert set(io.read_table(stage_url(cfg, 2, "rollouts"), "rollouts.parquet")["generator_version"]) == {version}
+    assert io.read_manifest(stage_url(cfg, 2, "generator")) is None  # the run stopped before the third update
+
+    # the count in a row comes from storage: recomputing iteration 2's rewards in a resumed run stops it again
+    (tmp_path / cfg.run_id / "iter-0002" / "rewards" / "manifest.json").unlink()
+    monkeypatch.setattr(dpg.loop, "sample", lambda *a, **k: pytest.fail("finished sampling was recomputed"))
+    with pytest.raises(DPGError, match="outer iteration 2: 3 flat batches in a row"):
+        optimize(cfg)
+    assert metrics_of(cfg, 2)["metrics"]["flat_batches_in_a_row"] == 3.0

@@ -1,12 +1,19 @@
 """Rewards whose right answers are known: exact metagradients per SFT group, the naive baseline by hand,
 and the heuristic text rewards (SPEC §3, §7)."""
 
+import dataclasses
+import logging
+import math
+
 import pytest
 import torch
+from conftest import make_tokenizer
 
 import dpg
+from dpg import loop
 from dpg.errors import DPGError
 from dpg.exact import random_data, tiny_model
+from dpg.generator import to_target_examples
 from dpg.records import Rollout
 from dpg.rewards import (
     REWARDS,
@@ -17,9 +24,12 @@ from dpg.rewards import (
     levenshtein_rewards,
     merge_groups,
     naive_rewards,
+    needs_ids,
     needs_sft,
+    random_rewards,
     split_by_group,
 )
+from dpg.runconfig import load_config
 
 PROMPTS, ROLLOUTS, LENGTH = 4, 2, 10
 CFG = dpg.SFTConfig(optimizer="sgd", lr=0.3, microbatch=2, grad_accum=1, max_len=LENGTH, dtype="float64")
@@ -100,10 +110,72 @@ def test_naive_reward_is_phi_after_training_minus_phi_before(setup):
     assert tau[0][0] != tau[1][0]
 
 
-def test_naive_reward_refuses_a_single_sft_group(setup):
+def test_naive_reward_of_one_group_needs_no_other_group(setup):
     model, ids, mask, target = setup
-    with pytest.raises(DPGError, match="needs inverse groups"):
-        naive_rewards(model, {0: (ids, mask)}, target, CFG)
+    both, _ = naive_rewards(model, {0: (ids[:4], mask[:4]), 1: (ids[4:], mask[4:])}, target, CFG)
+    alone, [run] = naive_rewards(model, {1: (ids[4:], mask[4:])}, target, CFG)  # as dpg.loop calls it
+    assert list(alone) == [1] and torch.equal(alone[1], both[1]) and run.group_id == 1
+
+
+@pytest.mark.parametrize("overrides", [["rollouts.grouping=cross"], ["rollouts.n_rollouts=1"]])
+def test_naive_reward_needs_inverse_groups_of_two_or_more_rollouts_in_the_config(overrides):
+    with pytest.raises(DPGError) as e:
+        load_config(None, ["rewards.name=naive", *overrides])
+    message = str(e.value)
+    assert "\n" not in message and "rewards.name='naive'" in message
+    assert "use rollouts.grouping=inverse and rollouts.n_rollouts >= 2" in message
+    assert load_config(None, ["rewards.name=naive"]).rewards.name == "naive"  # the defaults: 4 inverse groups
+
+
+def test_random_reward_is_seeded_noise_per_rollout_that_no_text_can_earn():
+    ids = [f"3-{p}-{k}" for p in range(4) for k in range(2)]
+    texts = ["the same text"] * len(ids)
+    state = torch.get_rng_state()
+    r = random_rewards(texts, None, example_ids=ids, seed=5, outer_iteration=3)
+    assert torch.equal(torch.get_rng_state(), state)  # never the global RNG
+    assert r.dtype == torch.float64 and r.shape == (8,) and len(set(r.tolist())) == 8  # same text, 8 rewards
+    assert torch.equal(r, random_rewards(texts, None, example_ids=ids, seed=5, outer_iteration=3))  # rerun
+    assert torch.equal(r, random_rewards([f"text {i}" for i in range(8)], "goal", example_ids=ids, seed=5,
+                                         outer_iteration=3))  # the text and the goal do not matter
+    assert not torch.equal(r, random_rewards(texts, None, example_ids=ids, seed=5, outer_iteration=4))
+    assert not torch.equal(r, random_rewards(texts, None, example_ids=ids, seed=6, outer_iteration=3))
+    many = random_rewards(["x"] * 2000, None, example_ids=[str(i) for i in range(2000)], seed=0)
+    assert abs(float(many.mean())) < 0.1 and abs(float(many.std()) - 1) < 0.1  # standard normal
+    assert get_reward("random") is random_rewards and needs_ids(random_rewards) and not needs_sft(random_rewards)
+
+
+def test_random_reward_through_loop_group_rewards_needs_no_sft():
+    cfg = load_config(None, ["rewards.name=random", "seed=7"])
+    rollouts_ = [dataclasses.replace(r, text="same") for r in rollouts(cross_group=False)]
+    taus, run = loop.group_rewards(cfg, rollouts_, 1, None, None, None)  # no target needed
+    members = [r.example_id for r in rollouts_ if r.group_id == 1]
+    assert run is None and list(taus) == members
+    expected = random_rewards(["same"] * len(members), None, example_ids=members, seed=7, outer_iteration=0)
+    assert list(taus.values()) == expected.tolist() and len(set(taus.values())) == len(members)
+
+
+def test_an_empty_completion_keeps_its_sft_slot_and_gets_no_reward(setup, caplog):
+    cfg = load_config(None, ["target.tiny_hidden=32", "target.tiny_layers=1", "sft.microbatch=2", "sft.max_len=10",
+                             "sft.lr=0.5", "rollouts.n_rollouts=2"])
+    tok = make_tokenizer()
+    model, tokenizer, target = loop.load_target(cfg, tok)
+    texts = ["the cat sat on the mat", "", "a dog ran far away", "then came back home"]  # prompts 0-3, rollout 0
+    rollouts_ = [dataclasses.replace(r, text=texts[r.prompt_id] if r.group_id == 0 else "cat")
+                 for r in rollouts(cross_group=False)]
+    with caplog.at_level(logging.WARNING, logger="dpg.loop"):
+        taus, run = loop.group_rewards(cfg, rollouts_, 0, model, tokenizer, target)
+    assert "1 empty completion(s) get no reward" in caplog.text
+    members = [r for r in rollouts_ if r.group_id == 0]
+    assert list(taus) == [r.example_id for r in members] and run.n_examples == 4 and run.inner_steps == 2
+    assert math.isnan(taus["0-1-0"]) and all(math.isfinite(taus[r.example_id]) for r in members if r.text)
+    ids, mask, empty, _ = to_target_examples(members, tokenizer, cfg.sft.max_len)
+    direct = dpg.metagradients(model, ids, mask, target, cfg.sft)  # the same slots: row 1 is a one-token row
+    assert empty == [False, True, False, False] and direct.scores[1] == 0.0
+    assert [taus[r.example_id] for r in members if r.text] == direct.scores[[0, 2, 3]].tolist()
+
+    all_empty = [dataclasses.replace(r, text=" ") if r.group_id == 1 else r for r in rollouts_]
+    taus, run = loop.group_rewards(cfg, all_empty, 1, model, tokenizer, target)  # skipped, not an error
+    assert run is None and len(taus) == 4 and all(math.isnan(t) for t in taus.values())
 
 
 def test_levenshtein_reward_is_max_for_identical_texts():

@@ -1,0 +1,81 @@
+"""Does a reward rank data usefully for the human metric? A selection test with no policy learning.
+
+For a config (e.g. experiments/pattern-67.yaml) and its *initial* generator, each of `--batches` outer
+iterations samples the iteration's rollouts and rewards them exactly as a dpg run does
+(`dpg.loop.sample`, `dpg.loop.group_rewards`). Then, within every prompt, it picks the rollout with the
+highest reward, one at random and the lowest, and fine-tunes a fresh target on each pick set (one example
+per prompt) as the evaluation stage does (`dpg.loop.evaluate`). If the reward carries information about
+the metric, best > random > worst on average; the policy gradient can only climb what this shows.
+
+    .venv/bin/python benchmarks/reward_signal.py experiments/pattern-67.yaml --batches 15
+    .venv/bin/python benchmarks/reward_signal.py experiments/pattern-67.yaml --set sft.optimizer=sgd --set sft.lr=0.5
+
+Prints per batch and at the end the mean metric per pick and the paired differences best − worst and
+best − random with their standard errors over batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="a dpg config file (YAML/JSON)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--batches", type=int, default=15, help="batches (outer iterations) to sample")
+    parser.add_argument("--metric", help="metric key of the evaluation (default: the first human metric)")
+    args = parser.parse_args()
+
+    import torch
+
+    from dpg import loop
+    from dpg.generator import load_generator
+    from dpg.runconfig import load_config
+
+    cfg = load_config(args.config, args.set)
+    g = cfg.generator
+    generator, tokenizer = load_generator(g.source, g.lora_rank, g.lora_alpha, seed=cfg.seed, toy=g.toy)
+    target_model, target_tokenizer, target = loop.load_target(cfg, tokenizer)
+    print(f"{args.config} {' '.join(args.set)}: reward {cfg.rewards.name}, sft {cfg.sft.optimizer} lr {cfg.sft.lr}, "
+          f"{cfg.prompts.per_iteration} prompts x {cfg.rollouts.n_rollouts} rollouts, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    rng = random.Random(cfg.seed)
+    picks = {"best": [], "random": [], "worst": []}
+    start = time.perf_counter()
+    for it in range(args.batches):
+        rollouts = loop.sample(cfg, it, generator, tokenizer, "base")
+        taus = {}
+        for group in loop.group_ids(cfg):
+            taus.update(loop.group_rewards(cfg, rollouts, group, target_model, target_tokenizer, target)[0])
+        chosen = {k: [] for k in picks}
+        for p in sorted({r.prompt_id for r in rollouts}):
+            ranked = sorted((r for r in rollouts if r.prompt_id == p and taus[r.example_id] == taus[r.example_id]),
+                            key=lambda r: taus[r.example_id])
+            if len(ranked) >= 2:
+                chosen["best"].append(ranked[-1])
+                chosen["worst"].append(ranked[0])
+                chosen["random"].append(rng.choice(ranked))
+        for k, rows in chosen.items():
+            metrics, _ = loop.evaluate(cfg, rows, target_model, target_tokenizer, target)
+            key = args.metric or next((m for m in metrics if m not in ("eval_phi", "eval_examples")), "eval_phi")
+            picks[k].append(metrics[key])
+        print(f"batch {it}: " + "  ".join(f"{k} {statistics.mean(v):.4f}" for k, v in picks.items()) +
+              f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+    n = len(picks["best"])
+    for a, b in (("best", "worst"), ("best", "random")):
+        d = [x - y for x, y in zip(picks[a], picks[b])]
+        se = statistics.stdev(d) / n ** 0.5 if n > 1 else float("nan")
+        print(f"{key}: {a} - {b} = {statistics.mean(d):+.4f} ± {se:.4f} (standard error over {n} batches)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

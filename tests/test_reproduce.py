@@ -1,0 +1,82 @@
+"""The pure parts of benchmarks/reproduce.py: the cell command, the registry, the method table and its verdicts."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from dpg.runconfig import load_config
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
+spec = importlib.util.spec_from_file_location("reproduce", PATH)
+reproduce = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(reproduce)
+
+
+def grid(values: dict[str, list[float]], first: float = 0.5) -> pd.DataFrame:
+    """A demo's results: iteration 0 at `first` for every seed, iteration 1 at the given per-seed values."""
+    rows = [{"demo": "67", "method": m, "seed": s, "iteration": it, "metric": first if it == 0 else v}
+            for m, vs in values.items() for s, v in enumerate(vs) for it in (0, 1)]
+    return pd.DataFrame(rows)
+
+
+def by_method(rows):
+    return {r["method"]: r for r in rows}
+
+
+def test_cell_overrides_carry_the_seed_everywhere_then_the_method_then_extras(tmp_path):
+    overrides = reproduce.cell_overrides("language", "embedding", 7, 40, tmp_path, ["generator.source=/x"])
+    assert overrides[:4] == ["seed=7", "rollouts.seed=7", "policy.seed=7", "outer_iterations=40"]
+    assert f"storage.url={tmp_path / 'runs'}" in overrides and overrides[-1] == "generator.source=/x"
+    assert 'rewards.name="embedding"' in overrides
+    command = reproduce.cell_command("exp.yaml", overrides)
+    assert command[:5] == [sys.executable, "-m", "dpg.cli", "run", "exp.yaml"]
+    assert command[5::2] == ["--set"] * len(overrides) and command[6::2] == overrides
+    cfg = load_config(None, overrides)  # the values survive dpg's YAML parsing of --set, spaces and accents included
+    assert (cfg.seed, cfg.rollouts.seed, cfg.policy.seed, cfg.outer_iterations) == (7, 7, 7, 40)
+    assert (cfg.rewards.name, cfg.rewards.goal) == ("embedding", reproduce.FRENCH_GOAL)
+    assert cfg.storage.url == str(tmp_path / "runs") and cfg.generator.source == "/x"
+
+
+def test_registry_has_the_controls_in_every_demo_and_a_direction_for_every_metric():
+    for demo, entry in reproduce.DEMOS.items():
+        assert {"dpg", "naive", "random"} <= set(entry["methods"]), demo
+        assert entry["metrics"] and all(isinstance(h, bool) for h in entry["metrics"].values()), demo
+        assert set(entry["chance"]) <= set(entry["metrics"]), demo
+    assert reproduce.DEMOS["uuid"]["methods"]["levenshtein"]["rewards.goal"] == reproduce.UUID_GOAL
+    assert reproduce.DEMOS["language"]["methods"]["langid"] == {"rewards.name": "langid", "rewards.goal": "fr"}
+    assert reproduce.DEMOS["l2"]["metrics"] == {"eval_l2_norm": False}
+
+
+def test_verdict_separates_only_beyond_twice_the_larger_spread():
+    frame = grid({"dpg": [0.80, 0.82, 0.84], "naive": [0.50, 0.52, 0.54], "random": [0.70, 0.80, 0.90]})
+    rows = by_method(reproduce.method_table(frame, "metric", True, reproduce.final_iteration(frame)))
+    assert rows["dpg"]["n"] == 3 and rows["dpg"]["final"] == "0.82 ± 0.02" and rows["dpg"]["first"] == "0.5 ± 0"
+    assert rows["dpg"]["per seed"] == "s0: 0.8, s1: 0.82, s2: 0.84" and rows["dpg"]["verdict"] == ""
+    assert rows["naive"]["DPG − method"] == "+0.3" and rows["naive"]["verdict"] == "DPG ahead by > 2x spread"
+    # difference 0.02, spread = random's std 0.1: not separated
+    assert rows["random"]["verdict"] == "not separated"
+
+
+def test_verdict_respects_lower_is_better():
+    frame = grid({"dpg": [1.0, 1.1, 1.2], "naive": [2.0, 2.1, 2.2], "random": [0.1, 0.2, 0.3]})
+    rows = by_method(reproduce.method_table(frame, "metric", False, 1))
+    assert rows["naive"]["DPG − method"] == "-1" and rows["naive"]["verdict"] == "DPG ahead by > 2x spread"
+    assert rows["random"]["verdict"] == "method ahead by > 2x spread"
+    assert reproduce.verdict([1.0, 1.1], [2.0, 2.1], True)[1] == "method ahead by > 2x spread"
+    assert reproduce.verdict([1.0], [2.0], False) == (-1.0, "not separated (fewer than 2 seeds)")
+
+
+def test_final_iteration_is_the_last_one_every_cell_reached():
+    frame = grid({"dpg": [0.6, 0.7], "naive": [0.5, 0.5]})
+    assert reproduce.final_iteration(frame) == 1
+    assert reproduce.final_iteration(frame[~((frame["method"] == "naive") & (frame["iteration"] == 1))]) == 0
+    table = reproduce.markdown(reproduce.method_table(frame, "metric", True, 1))
+    assert table.splitlines()[0].startswith("| method | n | first | final | per seed | DPG − method | verdict |")
+
+
+def test_script_help_runs():
+    result = subprocess.run([sys.executable, str(PATH), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "--report-only" in result.stdout and "uuid: dpg, naive, random" in result.stdout
