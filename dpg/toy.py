@@ -35,9 +35,9 @@ def toy_vocabulary(corpora: tuple[str, ...], size: int) -> tuple[str, ...]:
     from dpg.prompts import load_texts
 
     if not corpora:
-        raise DPGError("generator.toy_corpora is empty; give at least one corpus, e.g. ['wiki-vital']")
+        raise DPGError("generator.toy.corpora is empty; give at least one corpus, e.g. ['wiki-vital']")
     if size < len(SPECIALS) + len(corpora):
-        raise DPGError(f"generator.toy_vocab={size} is too small; use at least {len(SPECIALS) + len(corpora)}")
+        raise DPGError(f"generator.toy.vocab={size} is too small; use at least {len(SPECIALS) + len(corpora)}")
     counts = [Counter(t for _, text in load_texts(c) for t in TOKEN.findall(text.lower())) for c in corpora]
     ranked = [sorted(c, key=lambda w, c=c: (-c[w], w)) for c in counts]
     words: list[str] = []
