@@ -227,7 +227,7 @@ def one(name: str, repeats: int, iterations: int) -> dict:
                 rollouts = loop.sample(cfg, it, model, tokenizer, f"in-memory-{it}")
                 taus, runs = {}, []
                 for group in loop.group_ids(cfg):
-                    tau, run = loop.group_rewards(cfg, rollouts, group, target_model, target_tokenizer, target)
+                    tau, run, _ = loop.group_rewards(cfg, rollouts, group, target_model, target_tokenizer, target)
                     taus.update(tau)
                     runs += [run] if run is not None else []
                 rewards = loop.advantages(cfg, rollouts, taus)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpg.config import _int, _real, _require, build
+from dpg.credit import token_ends
 from dpg.errors import DPGError
 from dpg.models import SMOLLM2, load_causal_lm, seeded
 from dpg.records import Rollout
@@ -174,12 +175,14 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: list[tuple[str, str]],
     for (p, k), (tokens, logprobs) in zip(jobs, sampled):
         stop = tokens[-1] in ends
         body = tokens[:-1] if stop else tokens
+        text = tokenizer.decode(body, skip_special_tokens=True)
         records.append(Rollout(
             example_id=f"{outer_iteration}-{p}-{k}", outer_iteration=outer_iteration, prompt_id=p,
             rollout_index=k, group_id=config.group_id(k), prompt=prompts[p][1],
-            text=tokenizer.decode(body, skip_special_tokens=True), prompt_token_ids=encoded[p],
+            text=text, prompt_token_ids=encoded[p],
             token_ids=tokens, logprobs=logprobs, finish_reason="stop" if stop else "length",
-            generator_version=generator_version, source_id=prompts[p][0]))
+            generator_version=generator_version, source_id=prompts[p][0],
+            token_ends=token_ends(tokenizer, tokens, stop, text)))
     return records
 
 

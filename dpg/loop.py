@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from dpg.advantages import group_advantages
+from dpg.credit import generator_credit, reward_to_go, token_advantages
 from dpg.errors import DPGError
 from dpg.generator import is_empty, sample_rollouts, to_target_examples
 from dpg.models import load_causal_lm, seeded
@@ -93,8 +94,11 @@ def group_ids(cfg: DPGConfig) -> list[int]:
 
 
 def group_rewards(cfg: DPGConfig, rollouts: list[Rollout], group: int, target_model: nn.Module, target_tokenizer,
-                  target, progress: Progress | None = None) -> tuple[dict[str, float], SFTRun | None]:
-    """Raw rewards {example_id: tau} of one SFT group's rollouts, and its SFT run (None for text rewards).
+                  target, progress: Progress | None = None
+                  ) -> tuple[dict[str, float], SFTRun | None, dict[str, list[float]]]:
+    """Raw rewards {example_id: tau} of one SFT group's rollouts, its SFT run (None for text rewards), and,
+    with rewards.credit=token, each rollout's per-generator-token credit {example_id: [c_ij]} ({} otherwise;
+    sum_j c_ij = tau_i up to truncation at sft.max_len, see dpg.credit).
 
     Every member gets an entry. SFT rewards: an empty completion keeps its SFT slot as a one-token row that
     contributes nothing (`to_target_examples`: its loss and metagradient are exactly 0), and its tau is NaN
@@ -110,17 +114,24 @@ def group_rewards(cfg: DPGConfig, rollouts: list[Rollout], group: int, target_mo
             extra = {"example_ids": [r.example_id for r in members], "seed": cfg.seed,
                      "outer_iteration": it} if needs_ids(reward) else {}
             scores = reward([r.text for r in members], cfg.rewards.goal, **extra).tolist()
-            return dict(zip([r.example_id for r in members], scores)), None
-        ids, mask, empty, _ = to_target_examples(members, target_tokenizer, cfg.sft.max_len)
+            return dict(zip([r.example_id for r in members], scores)), None, {}
+        ids, mask, empty, n_tokens = to_target_examples(members, target_tokenizer, cfg.sft.max_len)
         if all(empty):
             log.warning("outer iteration %d, SFT group %d: all %d completions are empty; the group is skipped "
                         "(tau = NaN, advantage 0)", it, group, len(members))
-            return {r.example_id: math.nan for r in members}, None
+            return {r.example_id: math.nan for r in members}, None, {}
         if any(empty):
             log.warning("outer iteration %d, SFT group %d: %d empty completion(s) get no reward (tau = NaN)", it,
                         group, sum(empty))
-        tau, runs = reward(target_model, {group: (ids, mask)}, target, cfg.sft, it, progress)
-    return {r.example_id: math.nan if e else float(t) for r, e, t in zip(members, empty, tau[group].tolist())}, runs[0]
+        per_token = cfg.rewards.credit == "token"
+        tau, runs = reward(target_model, {group: (ids, mask)}, target, cfg.sft, it, progress,
+                           **({"per_token": True} if per_token else {}))
+    scores = tau[group]
+    credit = {r.example_id: generator_credit(r, row, n, target_tokenizer).tolist()
+              for r, e, row, n in zip(members, empty, scores, n_tokens) if not e} if per_token else {}
+    totals = scores.sum(1) if per_token else scores
+    return ({r.example_id: math.nan if e else float(t) for r, e, t in zip(members, empty, totals.tolist())}, runs[0],
+            credit)
 
 
 def evaluate(cfg: DPGConfig, rollouts: list[Rollout], target_model: nn.Module, target_tokenizer,
@@ -146,8 +157,12 @@ def evaluate(cfg: DPGConfig, rollouts: list[Rollout], target_model: nn.Module, t
     return {f"eval_{k}": float(v) for k, v in report.items()} | {"eval_examples": float(n)} | texts, pictures
 
 
-def advantages(cfg: DPGConfig, rollouts: list[Rollout], taus: dict[str, float]) -> list[Reward]:
+def advantages(cfg: DPGConfig, rollouts: list[Rollout], taus: dict[str, float],
+               credit: dict[str, list[float]] | None = None) -> list[Reward]:
     """Group-normalised advantages (groups = the rollouts of one prompt), one Reward record per rollout.
+
+    With per-token `credit` (rewards.credit=token) each record also gets `token_advantages` from the
+    reward-to-go (dpg.credit.token_advantages), which the update then uses in place of `advantage`.
 
     `taus` holds every rollout's raw reward. An empty completion without a reward (tau NaN: SFT rewards)
     gets advantage 0: it did not shape the target, so the policy gradient neither favours nor penalises
@@ -171,8 +186,13 @@ def advantages(cfg: DPGConfig, rollouts: list[Rollout], taus: dict[str, float]) 
     if scale == 0.0:
         log.warning("outer iteration %d: a flat batch (all %d rewards equal, %d empty completions): every "
                     "advantage is 0 and the generator update is skipped", it, len(scored), len(rollouts) - len(scored))
+    per_token = {}
+    if credit and scale > 0.0:
+        returns = {k: reward_to_go(torch.tensor(v, dtype=torch.float64)) for k, v in credit.items()}
+        per_token, _ = token_advantages(rollouts, returns, cfg.rewards.eps_fraction)
     return [Reward(r.example_id, r.outer_iteration, r.group_id, cfg.rewards.name, taus[r.example_id], scale,
-                   by_id.get(r.example_id, 0.0), empty=is_empty(r)) for r in rollouts]
+                   by_id.get(r.example_id, 0.0), empty=is_empty(r),
+                   token_advantages=per_token[r.example_id].tolist() if per_token else []) for r in rollouts]
 
 
 def is_flat(rewards: list[Reward]) -> bool:
@@ -198,11 +218,15 @@ def update(cfg: DPGConfig, generator: nn.Module, optimizer, rollouts: list[Rollo
     """
     if is_flat(rewards):
         return {"skipped": 1.0}
-    adv = {w.example_id: w.advantage for w in rewards}
+    by_id = {w.example_id: w for w in rewards}
+    if any(w.token_advantages for w in rewards):  # token credit: one advantage per completion token
+        adv = [torch.tensor(by_id[r.example_id].token_advantages, dtype=torch.float64) for r in rollouts]
+    else:
+        adv = torch.tensor([by_id[r.example_id].advantage for r in rollouts], dtype=torch.float64)
     with seeded(stage_seed(cfg.seed, rollouts[0].outer_iteration, "generator")):
         return policy_update(generator, optimizer, [r.prompt_token_ids for r in rollouts],
                              [r.token_ids for r in rollouts], [torch.tensor(r.logprobs) for r in rollouts],
-                             torch.tensor([adv[r.example_id] for r in rollouts], dtype=torch.float64), cfg.policy)
+                             adv, cfg.policy)
 
 
 def summary(rewards: list[Reward], runs: list[SFTRun]) -> dict[str, float]:

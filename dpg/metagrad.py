@@ -37,7 +37,6 @@ from dpg.sft import (
     Batch,
     Progress,
     check_finite,
-    example_losses,
     grads,
     load_weights,
     make_optimizer,
@@ -47,6 +46,7 @@ from dpg.sft import (
     release_weights,
     step_grad,
     steps,
+    token_losses,
     working_copy,
 )
 
@@ -67,7 +67,8 @@ class Adjoint(NamedTuple):
 @dataclass(frozen=True)
 class MetagradResult:
     scores: Tensor
-    """float64 (n,): tau_i = dPhi/dw_i at the given weights (raw; the reference reports microbatch * tau_i)."""
+    """float64 (n,): tau_i = dPhi/dw_i at the given weights (raw; the reference reports microbatch * tau_i);
+    (n, L) tau_it = dPhi/dw_it for per-token weights (row sums are the per-example scores)."""
     value_before: float
     """Phi of the model before the SFT."""
     value_after: float
@@ -167,20 +168,23 @@ def optimizer_vjp(opt: Optimizer, c: Checkpoint, adj: Adjoint) -> tuple[Adjoint,
 
 def sweep(work: nn.Module, theta: Params, batch: Batch, rows: slice, u: Params, config: SFTConfig,
           need_hvp: bool) -> tuple[Params | None, Tensor]:
-    """(H_t u or None, ldot) for one step's rows, ldot_i = <grad l_i(theta_t), u>."""
+    """(H_t u or None, ldot) for one step's rows: ldot_i = <grad l_i(theta_t), u>, or ldot_it = <grad l_it, u>
+    (rows, L) where the weights are per token."""
     hvp, ldots = None, []
     for mb in microbatches(rows, config):
         w = batch.weights[mb] / config.microbatch
+        per_token = w.ndim == 2
 
-        def losses(th, mb=mb):
-            return example_losses(work, th, batch, mb, config)
+        def losses(th, mb=mb, per_token=per_token):
+            terms = token_losses(work, th, batch, mb, config)  # (b, L)
+            return terms if per_token else terms.sum(1)
 
         if not need_hvp:
             h, ld = None, jvp(losses, (theta,), (u,))[1]
         elif config.reverse == "reverse_over_forward":
             def tangent_dot(th):
                 ld = jvp(losses, (th,), (u,))[1]
-                return (w * ld).sum(), ld
+                return (w * ld).sum(), ld  # w (b,) or (b, L) matches ld
             h, ld = grad(tangent_dot, has_aux=True)(theta)
         elif config.reverse == "forward_over_reverse":
             def grad_and_losses(th):
@@ -218,7 +222,7 @@ def metagradients(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, t
                        "(pytorch/pytorch#196700); use sft.reverse='forward_over_reverse'")
     work, theta0 = working_copy(model, config)
     opt = make_optimizer(config)
-    n, total = batch.input_ids.shape[0], config.inner_steps(batch.input_ids.shape[0])
+    total = config.inner_steps(batch.input_ids.shape[0])
     with torch.no_grad():
         report_before = _report(target, work)
     store = DiskStore(config.checkpoint_dir) if config.checkpoint == "disk" else None
@@ -239,7 +243,7 @@ def metagradients(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, t
         adj = Adjoint(a, tuple({key: torch.zeros_like(v) for key, v in m.items()}
                                for m in state_tensors(opt.init(theta_T))))
         del theta_T, a
-        scores = torch.zeros(n, dtype=torch.float64)
+        scores = torch.zeros(tuple(batch.weights.shape), dtype=torch.float64)  # (n,) or (n, L) per token
         rows_of = dict(steps(batch, config))
         done = 0
         for start in reversed(range(0, total, 1 if store else k)):

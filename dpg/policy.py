@@ -9,6 +9,8 @@ initial generator (ref):
     k_it = exp(ref_it − new_it) − (ref_it − new_it) − 1           k3 estimate of KL(π ‖ π_ref), >= 0
     loss = (1/S) Σ_i (1/L_i) Σ_t (s_it + β·k_it)                  β = kl_coef
 
+A_i may also be per token, A_it (token credit: `dpg.credit`), in place of A_i in s_it.
+
 Normalisation: a token mean within each sequence, then a mean over sequences (GRPO's original form),
 so every rollout weighs the same whatever its length. At r = 1 the gradient is
 −(1/S) Σ_i A_i (1/L_i) Σ_t ∇ log π(x_it | x_i,<t): REINFORCE with a group baseline. Where the clip is
@@ -98,25 +100,33 @@ def policy_optimizer(model: nn.Module, config: PolicyConfig) -> torch.optim.Adam
                              weight_decay=config.weight_decay)
 
 
-def grpo_loss(new_logprobs: list[Tensor], old_logprobs: list[Tensor], advantages: Tensor, clip_eps: float,
-              ref_logprobs: list[Tensor] | None = None, kl_coef: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+def grpo_loss(new_logprobs: list[Tensor], old_logprobs: list[Tensor], advantages: Tensor | list[Tensor],
+              clip_eps: float, ref_logprobs: list[Tensor] | None = None,
+              kl_coef: float = 0.0) -> tuple[Tensor, dict[str, float]]:
     """(loss, stats) of the module docstring; `new_logprobs` carry the gradient, the others are constants.
 
-    Each list holds one (L_i,) tensor per sequence; `advantages` is (S,). Stats (token means): kl (0 without
-    ref), clip_fraction (tokens whose clipped branch is active), ratio_mean; and tokens.
+    Each list holds one (L_i,) tensor per sequence; `advantages` is (S,), one per sequence, or a list of one
+    (L_i,) tensor per sequence (per-token advantages). Stats (token means): kl (0 without ref),
+    clip_fraction (tokens whose clipped branch is active), ratio_mean; and tokens.
     """
     S = len(new_logprobs)
     lengths = torch.tensor([x.numel() for x in new_logprobs])  # (S,)
-    if S == 0 or len(old_logprobs) != S or advantages.shape != (S,) or (lengths == 0).any():
+    per_token = isinstance(advantages, (list, tuple))
+    shape_ok = (len(advantages) == S and all(a.numel() == n for a, n in zip(advantages, lengths.tolist()))
+                if per_token else advantages.shape == (S,))
+    if S == 0 or len(old_logprobs) != S or not shape_ok or (lengths == 0).any():
+        shape = [a.numel() for a in advantages] if per_token else tuple(advantages.shape)
         raise DPGError(f"grpo_loss got {S} sequences, {len(old_logprobs)} old log-prob lists and advantages "
-                       f"{tuple(advantages.shape)}; pass one non-empty completion, old log-probs and advantage each")
+                       f"{shape}; pass one non-empty completion, old log-probs and advantage (or one per "
+                       "token) each")
     new = torch.cat(new_logprobs)  # (N,) all tokens of all sequences
     device, dtype = new.device, new.dtype
     old = torch.cat([o.detach().reshape(-1) for o in old_logprobs]).to(device, dtype)  # (N,)
     if old.shape != new.shape:
         raise DPGError(f"old log-probs have {old.numel()} tokens, new ones {new.numel()}; one per completion token")
     seq = torch.repeat_interleave(torch.arange(S, device=device), lengths.to(device))  # (N,) sequence of each token
-    A = advantages.detach().to(device, dtype)[seq]  # (N,)
+    A = (torch.cat([a.detach().reshape(-1) for a in advantages]).to(device, dtype) if per_token
+         else advantages.detach().to(device, dtype)[seq])  # (N,)
     ratio = torch.exp(new - old)
     per_token = -torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
     kl = torch.zeros_like(new)
@@ -156,7 +166,7 @@ def _reference_logprobs(model, ref_model, prompt_ids, completion_ids, kl_coef, c
 
 
 def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, prompt_ids: list[list[int]],
-                  completion_ids: list[list[int]], old_logprobs: list[Tensor], advantages: Tensor,
+                  completion_ids: list[list[int]], old_logprobs: list[Tensor], advantages: Tensor | list[Tensor],
                   config: PolicyConfig, ref_model: nn.Module | None = None) -> dict[str, float]:
     """One GRPO update of `model` in place: `config.epochs` passes, each over shuffled minibatches.
 
@@ -167,11 +177,12 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, prompt_ids
     clip_fraction, kl, ratio_mean (token means), grad_norm (mean pre-clip norm over steps) and steps.
     """
     S = len(prompt_ids)
-    A = torch.as_tensor(advantages).detach()
-    if not (S == len(completion_ids) == len(old_logprobs) and A.shape == (S,)):
+    per_token = isinstance(advantages, (list, tuple))
+    A = [torch.as_tensor(a).detach() for a in advantages] if per_token else torch.as_tensor(advantages).detach()
+    if not (S == len(completion_ids) == len(old_logprobs) and len(A) == S and (per_token or A.ndim == 1)):
         raise DPGError(f"policy_update got {S} prompts, {len(completion_ids)} completions, {len(old_logprobs)} "
-                       f"old log-prob lists and advantages {tuple(A.shape)}; pass one of each per rollout")
-    if not torch.isfinite(A).all():
+                       f"old log-prob lists and {len(A)} advantages; pass one of each per rollout")
+    if not all(torch.isfinite(a).all() for a in (A if per_token else [A])):
         raise DPGError("advantages are not all finite; compute them with dpg.advantages.group_advantages")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     minibatch = min(config.minibatch or S, S)
@@ -192,7 +203,8 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, prompt_ids
                 for b in range(0, len(rows), chunk):
                     mb = rows[b:b + chunk]
                     new = sequence_logprobs(model, [prompt_ids[i] for i in mb], [completion_ids[i] for i in mb])
-                    loss, stats = grpo_loss(new, [old_logprobs[i] for i in mb], A[mb], config.clip_eps,
+                    loss, stats = grpo_loss(new, [old_logprobs[i] for i in mb],
+                                            [A[i] for i in mb] if per_token else A[mb], config.clip_eps,
                                             None if ref is None else [ref[i] for i in mb], config.kl_coef)
                     (loss * (len(mb) / len(rows))).backward()  # the minibatch's loss is the mean over its rows
                     totals["loss"] += stats["loss"] * len(mb) / len(rows)

@@ -27,6 +27,7 @@ class Rollout:
     finish_reason: str  # "stop" (eos) or "length" (max_new_tokens)
     generator_version: str  # digest or name of the generator weights that sampled it
     source_id: str = ""  # id of the source text the prompt was built from
+    token_ends: list[int] = field(default_factory=list)  # char end in `text` of each of `token_ids` (token credit)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Reward:
     advantage: float  # group-normalised advantage fed to the policy update (0 without a reward)
     target_tokens: int = 0  # real target tokens of the example after retokenisation
     empty: bool = False  # an empty completion (dpg.generator.is_empty)
+    token_advantages: list[float] = field(default_factory=list)  # per completion token (rewards.credit=token)
 
 
 @dataclass(frozen=True)

@@ -98,15 +98,18 @@ def _report(target: Callable[[nn.Module], Tensor], model: nn.Module, what: str) 
 
 
 def dpg_rewards(target_model: nn.Module, examples_by_group: Examples, target, sft_config: SFTConfig,
-                outer_iteration: int = 0, progress: Progress | None = None) -> tuple[dict[int, Tensor], list[SFTRun]]:
+                outer_iteration: int = 0, progress: Progress | None = None,
+                per_token: bool = False) -> tuple[dict[int, Tensor], list[SFTRun]]:
     """tau_i = dPhi(theta_T(w)) / dw_i at w = 1, exactly, one differentiable SFT run per group.
 
-    Each group's SFT starts from `target_model`'s weights; tau is raw float64 (see dpg.metagrad).
+    Each group's SFT starts from `target_model`'s weights; tau is raw float64 (see dpg.metagrad). With
+    `per_token`, each group's tau is (n, L): tau_is = dPhi/dw_is per target token (rows sum to tau_i).
     """
     _check_groups(examples_by_group, sft_config)
     tau, runs = {}, []
     for k, (ids, mask) in sorted(examples_by_group.items()):
-        result = metagradients(target_model, ids, mask, target, sft_config, progress=progress)
+        weights = torch.ones(ids.shape, dtype=torch.float64) if per_token else None
+        result = metagradients(target_model, ids, mask, target, sft_config, weights, progress)
         if not torch.isfinite(result.scores).all():
             raise DPGError(f"outer iteration {outer_iteration}, SFT group {k}: non-finite tau "
                            f"{result.scores.tolist()[:8]}; lower sft.lr or use sft.dtype='float32'/'float64'")

@@ -123,6 +123,9 @@ class RewardConfig:
     max_flat_batches: int = 3
     """A flat batch (every rollout's reward equal: no learning signal) skips the generator update; the
     run stops with an error at the max_flat_batches-th flat batch in a row (1: at the first)."""
+    credit: str = "sequence"
+    """`sequence`: every token of a rollout gets its advantage; `token` (name dpg only): per-token
+    metagradients, each generator token credited with its reward-to-go (dpg.credit)."""
 
     def __post_init__(self) -> None:
         _require(_real(self.eps_fraction) and self.eps_fraction > 0, "eps_fraction", self.eps_fraction,
@@ -133,6 +136,11 @@ class RewardConfig:
         _require(_text(self.name), "name", self.name, "use e.g. 'dpg', 'levenshtein' or module:function",
                  prefix="rewards")
         _require(_text(self.goal, optional=True), "goal", self.goal, "use a string or null", prefix="rewards")
+        _require(self.credit in ("sequence", "token"), "credit", self.credit, "use 'sequence' or 'token'",
+                 prefix="rewards")
+        _require(self.credit == "sequence" or self.name == "dpg", "credit", self.credit,
+                 f"use 'sequence' with rewards.name={self.name!r}; token credit needs per-token metagradients "
+                 "(rewards.name='dpg')", prefix="rewards")
 
 
 @dataclass(frozen=True)

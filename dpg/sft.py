@@ -8,6 +8,9 @@ t*grad_accum ... (t+1)*grad_accum - 1. With per-example weights w, the step's gr
 (mean within a microbatch, sum over accumulation: the reference convention), and
 l_i = sum over real target tokens of the token cross-entropy / max_len (or / real tokens).
 Padding never counts: the mask is the attention mask, never "label == pad id".
+
+Weights may also be per token, shape (n, L): w_it scales the loss term that predicts token t of example i
+(column 0 predicts nothing and is ignored), so that per-example weights are the case w_it = w_i.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 class Batch(NamedTuple):
     input_ids: Tensor  # (n, L) long
     attention_mask: Tensor  # (n, L) 0/1
-    weights: Tensor  # (n,) in the SFT dtype
+    weights: Tensor  # (n,) per example or (n, L) per token, in the SFT dtype
 
 
 def make_optimizer(config: SFTConfig) -> Optimizer:
@@ -63,8 +66,10 @@ def prepare(input_ids: Tensor, attention_mask: Tensor, config: SFTConfig, weight
                            f">= sft.max_len={config.max_len}")
         input_ids, mask = input_ids[:, : config.max_len], mask[:, : config.max_len]
     w = torch.ones(n) if weights is None else torch.as_tensor(weights).detach()
-    if w.shape != (n,):
-        raise DPGError(f"weights has shape {tuple(w.shape)}; expected ({n},), one per example")
+    if w.shape != (n,) and w.shape != tuple(input_ids.shape):
+        raise DPGError(f"weights has shape {tuple(w.shape)}; expected ({n},), one per example, or "
+                       f"{tuple(input_ids.shape)}, one per token")
+    w = w[:, : input_ids.shape[1]] if w.ndim == 2 else w
     return Batch(input_ids.long().to(device), mask.to(device), w.to(device, config.torch_dtype))
 
 
@@ -80,18 +85,24 @@ def microbatches(rows: slice, config: SFTConfig) -> Iterator[slice]:
         yield slice(a, a + config.microbatch)
 
 
-def example_losses(model: nn.Module, theta: Params, batch: Batch, rows: slice, config: SFTConfig) -> Tensor:
-    """Per-example losses l_i(theta) for the given rows, shape (rows,)."""
+def token_losses(model: nn.Module, theta: Params, batch: Batch, rows: slice, config: SFTConfig) -> Tensor:
+    """Per-token loss terms l_it(theta) for the given rows, shape (rows, L): l_i = sum_t l_it, and column 0
+    (which predicts nothing) and padding are 0."""
     ids, mask = batch.input_ids[rows], batch.attention_mask[rows]  # (b, L)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding works too
     logits = functional_call(model, theta, (), {"input_ids": ids, "attention_mask": mask,
                                                 "position_ids": position_ids}).logits  # (b, L, V)
     nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # (b, L-1)
     target = (mask[:, 1:] * mask[:, :-1]).to(nll.dtype)  # a real token predicted from a real token
-    total = (nll * target).sum(1)  # (b,)
+    terms = F.pad(nll * target, (1, 0))  # (b, L): column t predicts token t
     if config.loss_normalization == "tokens":
-        return total / target.sum(1).clamp(min=1)
-    return total / config.max_len
+        return terms / target.sum(1, keepdim=True).clamp(min=1)
+    return terms / config.max_len
+
+
+def weighted(weights: Tensor, terms: Tensor) -> Tensor:
+    """sum_t w_it l_it per row, shape (b,), for per-example (b,) or per-token (b, L) weights."""
+    return (weights[:, None] * terms if weights.ndim == 1 else weights * terms).sum(1)
 
 
 def grads(output: Tensor, params: Params, **kwargs) -> Params:
@@ -106,7 +117,7 @@ def step_grad(model: nn.Module, theta: Params, batch: Batch, rows: slice, config
     g = None
     for mb in microbatches(rows, config):
         with torch.enable_grad():
-            loss = (batch.weights[mb] * example_losses(model, params, batch, mb, config)).sum() / config.microbatch
+            loss = weighted(batch.weights[mb], token_losses(model, params, batch, mb, config)).sum() / config.microbatch
             part = grads(loss, params)
         g = part if g is None else {k: g[k] + part[k] for k in g}
     return g

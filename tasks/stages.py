@@ -148,9 +148,11 @@ def sft_group(cfg: DPGConfig, it: int, rollouts_url: str, group: int) -> str:
     rollouts = read_records(cfg, rollouts_url, "rollouts.parquet", Rollout)
     model, tokenizer, target = target_for(cfg)
     start = time.perf_counter()
-    taus, run = loop.group_rewards(cfg, rollouts, group, model, tokenizer, target)
+    taus, run, credit = loop.group_rewards(cfg, rollouts, group, model, tokenizer, target)
     seconds = time.perf_counter() - start
     frame = pd.DataFrame({"example_id": list(taus), "tau": list(taus.values())})
+    if credit:  # rewards.credit=token: per generator token, [] for an empty completion
+        frame["credit"] = [credit.get(k, []) for k in taus]
     files = {"tau.parquet": frame}
     if run is not None:
         files["sft.json"] = json.dumps(as_rows([run])[0]).encode()
@@ -179,14 +181,16 @@ def compute_advantages(cfg: DPGConfig, it: int, rollouts_url: str, group_urls: l
         return url
     options = cfg.storage.storage_options
     rollouts = read_records(cfg, rollouts_url, "rollouts.parquet", Rollout)
-    taus, runs = {}, []
+    taus, runs, credit = {}, [], {}
     for g in group_urls:
         manifest = done(cfg, g)
         frame = io.read_table(g, "tau.parquet", options)
         taus.update(zip(frame["example_id"], frame["tau"].astype(float)))
+        if "credit" in frame:
+            credit.update((k, list(map(float, v))) for k, v in zip(frame["example_id"], frame["credit"]) if len(v))
         if "sft.json" in manifest["files"]:
             runs.append(SFTRun(**json.loads(io.read_file(g, "sft.json", options, manifest))))
-    rewards = loop.advantages(cfg, rollouts, taus)
+    rewards = loop.advantages(cfg, rollouts, taus, credit)
     table = pd.DataFrame(as_rows(rollouts)).merge(
         pd.DataFrame(as_rows(rewards)).drop(columns=["outer_iteration", "group_id"]), on="example_id",
         validate="one_to_one")

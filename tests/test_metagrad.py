@@ -196,3 +196,34 @@ def test_input_model_is_untouched():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert not torch.equal(trained.get_output_embeddings().weight, model.get_output_embeddings().weight)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("normalization", ["max_len", "tokens"])
+def test_per_token_scores_match_finite_differences_and_sum_to_tau(optimizer, normalization):
+    """Per-token weights (n, L): tau_it = dPhi/dw_it exactly, each row sums to the example's tau, and columns
+    that predict nothing (0 and padding) score exactly 0."""
+    from dpg.sft import train
+
+    model = tiny_model("llama")
+    ids, mask = random_data(N, LENGTH)
+    target = dpg.get_target("pattern:67", model)
+    cfg = config(optimizer, loss_normalization=normalization)
+    per_token = dpg.metagradients(model, ids, mask, target, cfg, weights=torch.ones(N, LENGTH)).scores
+    per_example = dpg.metagradients(model, ids, mask, target, cfg).scores
+    assert per_token.shape == (N, LENGTH)
+    assert torch.allclose(per_token.sum(1), per_example, rtol=1e-10, atol=1e-14)
+    predicts = torch.nn.functional.pad(mask[:, 1:] * mask[:, :-1], (1, 0)).bool()
+    assert (per_token[~predicts] == 0).all() and (per_token[predicts] != 0).all()
+
+    def phi(i: int, t: int, d: float) -> float:
+        w = torch.ones(N, LENGTH, dtype=torch.float64)
+        w[i, t] += d
+        with torch.no_grad():
+            return float(target(train(model, ids, mask, cfg, weights=w)))
+
+    h = 1e-4
+    cells = [(0, 1), (0, 2), (5, 4), (11, 3)]
+    fd = torch.tensor([(-phi(i, t, 2 * h) + 8 * phi(i, t, h) - 8 * phi(i, t, -h) + phi(i, t, -2 * h)) / (12 * h)
+                       for i, t in cells], dtype=torch.float64)
+    assert relative_error(torch.stack([per_token[i, t] for i, t in cells]), fd) <= 1e-6

@@ -143,6 +143,24 @@ def test_naive_reward_through_the_flow_with_inverse_groups(prefect_harness, tiny
         assert records["tau"].nunique() == 2 and io.verify_stage(stage_url(cfg, it, "report"))
 
 
+def test_token_credit_through_the_flow_sums_to_tau_and_feeds_the_update(prefect_harness, tiny_generator_dir,
+                                                                        texts_file, tmp_path):
+    from flows.optimize import optimize
+
+    cfg = tiny_config(tiny_generator_dir, texts_file, str(tmp_path), f"sqlite:///{tmp_path}/m.db",
+                      **{"rewards.credit": "token"})
+    optimize(cfg)
+    for it in range(2):
+        records = records_of(cfg, it)
+        credit = pd.concat([io.read_table(stage_url(cfg, it, f"sft-g{g}"), "tau.parquet") for g in (0, 1)])
+        credit = credit.set_index("example_id")
+        for _, row in records[~records["empty"]].iterrows():
+            assert len(row["token_advantages"]) == len(row["token_ids"])
+            if row["n_tokens"] + 1 <= cfg.sft.max_len:  # not cut at sft.max_len: the credit holds all of tau
+                assert sum(credit.loc[row["example_id"], "credit"]) == pytest.approx(row["tau"], rel=1e-6, abs=1e-12)
+        assert io.verify_stage(stage_url(cfg, it, "generator"))
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_two_runs_with_lora_write_identical_stages_and_leave_the_global_rng_alone(
         prefect_harness, tiny_generator_dir, texts_file, tmp_path):

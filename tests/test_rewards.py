@@ -147,7 +147,7 @@ def test_random_reward_is_seeded_noise_per_rollout_that_no_text_can_earn():
 def test_random_reward_through_loop_group_rewards_needs_no_sft():
     cfg = load_config(None, ["rewards.name=random", "seed=7"])
     rollouts_ = [dataclasses.replace(r, text="same") for r in rollouts(cross_group=False)]
-    taus, run = loop.group_rewards(cfg, rollouts_, 1, None, None, None)  # no target needed
+    taus, run, _ = loop.group_rewards(cfg, rollouts_, 1, None, None, None)  # no target needed
     members = [r.example_id for r in rollouts_ if r.group_id == 1]
     assert run is None and list(taus) == members
     expected = random_rewards(["same"] * len(members), None, example_ids=members, seed=7, outer_iteration=0)
@@ -163,7 +163,7 @@ def test_an_empty_completion_keeps_its_sft_slot_and_gets_no_reward(setup, caplog
     rollouts_ = [dataclasses.replace(r, text=texts[r.prompt_id] if r.group_id == 0 else "cat")
                  for r in rollouts(cross_group=False)]
     with caplog.at_level(logging.WARNING, logger="dpg.loop"):
-        taus, run = loop.group_rewards(cfg, rollouts_, 0, model, tokenizer, target)
+        taus, run, _ = loop.group_rewards(cfg, rollouts_, 0, model, tokenizer, target)
     assert "1 empty completion(s) get no reward" in caplog.text
     members = [r for r in rollouts_ if r.group_id == 0]
     assert list(taus) == [r.example_id for r in members] and run.n_examples == 4 and run.inner_steps == 2
@@ -174,7 +174,7 @@ def test_an_empty_completion_keeps_its_sft_slot_and_gets_no_reward(setup, caplog
     assert [taus[r.example_id] for r in members if r.text] == direct.scores[[0, 2, 3]].tolist()
 
     all_empty = [dataclasses.replace(r, text=" ") if r.group_id == 1 else r for r in rollouts_]
-    taus, run = loop.group_rewards(cfg, all_empty, 1, model, tokenizer, target)  # skipped, not an error
+    taus, run, _ = loop.group_rewards(cfg, all_empty, 1, model, tokenizer, target)  # skipped, not an error
     assert run is None and len(taus) == 4 and all(math.isnan(t) for t in taus.values())
 
 
