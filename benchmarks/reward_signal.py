@@ -12,6 +12,14 @@ the metric, best > random > worst on average; the policy gradient can only climb
 
 Prints per batch and at the end the mean metric per pick and the paired differences best − worst and
 best − random with their standard errors over batches.
+
+`--consistency` asks a second question: is the reward *learnable*, i.e. does the same token earn the same
+per-token credit (rewards.credit=token, in units of each batch's tau std) in different batches? It prints
+the Pearson correlation, over token ids seen >= 3 times in both halves, of the mean credit per token id in
+the even vs the odd batches. Near 0, what a token is worth is batch-specific noise that no policy can learn,
+however well the reward ranks one batch's samples.
+
+    .venv/bin/python benchmarks/reward_signal.py experiments/pattern-67.yaml --batches 30 --consistency
 """
 
 from __future__ import annotations
@@ -32,7 +40,10 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--batches", type=int, default=15, help="batches (outer iterations) to sample")
     parser.add_argument("--metric", help="metric key of the evaluation (default: the first human metric)")
+    parser.add_argument("--consistency", action="store_true", help="split-half consistency of per-token credit")
     args = parser.parse_args()
+    if args.consistency:
+        return consistency(args)
 
     import torch
 
@@ -74,6 +85,41 @@ def main() -> int:
         d = [x - y for x, y in zip(picks[a], picks[b])]
         se = statistics.stdev(d) / n ** 0.5 if n > 1 else float("nan")
         print(f"{key}: {a} - {b} = {statistics.mean(d):+.4f} ± {se:.4f} (standard error over {n} batches)")
+    return 0
+
+
+def consistency(args) -> int:
+    import math
+    from collections import defaultdict
+
+    import torch
+
+    from dpg import loop
+    from dpg.generator import load_generator
+    from dpg.runconfig import load_config
+
+    cfg = load_config(args.config, [*args.set, "rewards.credit=token"])
+    g = cfg.generator
+    generator, tokenizer = load_generator(g.source, g.lora_rank, g.lora_alpha, seed=cfg.seed, toy=g.toy)
+    target_model, target_tokenizer, target = loop.load_target(cfg, tokenizer)
+    halves = [defaultdict(list), defaultdict(list)]
+    for it in range(args.batches):
+        rollouts = loop.sample(cfg, it, generator, tokenizer, "base")
+        taus, credit = {}, {}
+        for group in loop.group_ids(cfg):
+            scores, _, group_credit = loop.group_rewards(cfg, rollouts, group, target_model, target_tokenizer, target)
+            taus.update(scores)
+            credit.update(group_credit)
+        scale = statistics.pstdev([t for t in taus.values() if math.isfinite(t)]) or 1.0
+        for r in rollouts:
+            for token, c in zip(r.token_ids, credit.get(r.example_id, [])):
+                halves[it % 2][token].append(c / scale)
+    even, odd = halves
+    keys = [k for k in even if len(even[k]) >= 3 and len(odd.get(k, [])) >= 3]
+    x = torch.tensor([[statistics.mean(even[k]), statistics.mean(odd[k])] for k in keys], dtype=torch.float64)
+    r = float(torch.corrcoef(x.T)[0, 1]) if len(keys) > 2 else float("nan")
+    print(f"{args.config} {' '.join(args.set)}: per-token credit, split-half correlation over {len(keys)} token ids "
+          f"({args.batches} batches, sft {cfg.sft.optimizer} lr {cfg.sft.lr}): {r:+.3f}")
     return 0
 
 

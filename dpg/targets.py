@@ -11,7 +11,8 @@ Built-in targets (`TARGETS`), with W_out = `model.get_output_embeddings().weight
                      P[r, c] = W_out[vocab_ids[c], hidden_offset + r],   Δ = P − P_initial,
                      Φ = −mean(softplus(−κ · S ⊙ Δ)),   pixel_accuracy = mean(sign(Δ) == S).
 - `val_lm:<path>`: Φ = −(1/N) Σ_{b,t} m[b,t+1] · CE(logits[b,t], x[b,t+1]),   N = Σ_{b,t} m[b,t+1],
-                 the token-mean causal-LM loss on held-out texts; m is the attention mask.
+                 the token-mean causal-LM loss on held-out texts; m is the attention mask (option skip_unknown:
+                 labels that are the unknown token do not count, e.g. for the toy generator's word vocabulary).
 - `package.module:factory`: a plugin; `factory(base_model, tokenizer=None, **options)` returns a `Target`
   or a plain callable `model -> Tensor`.
 
@@ -46,7 +47,7 @@ PLUGIN_FORM = "package.module:factory (factory(base_model, tokenizer=None, **opt
 _OPTIONS = {
     "l2_norm": set(),
     "pattern": {"kappa", "vocab_offset", "token_ids", "hidden_offset"},
-    "val_lm": {"max_len", "max_texts", "text_column", "split"},
+    "val_lm": {"max_len", "max_texts", "text_column", "split", "skip_unknown"},
 }
 IMAGE_67 = [
     [1, 1, 1, 1, -1, -1, -1],
@@ -278,8 +279,9 @@ def _read_texts(spec: str, path: Path, text_column: str, split: str | None) -> l
     return [t.strip() for t in list(table[text_column]) if isinstance(t, str) and t.strip()]
 
 
-def causal_lm_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def causal_lm_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, skip_id: int | None = None) -> Tensor:
     """Token-mean CE (1/N) Σ m[b,t+1]·CE(logits[b,t], x[b,t+1]), N = Σ m[b,t+1]; padding only via the mask m.
+    With `skip_id`, labels equal to it (e.g. the unknown token) do not count either.
 
     Position ids are `cumsum(m) − 1` (clamped at 0). Half/bfloat16 logits are upcast to float32 for the
     log-softmax; float32/float64 stay as they are.
@@ -291,17 +293,24 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) 
         logits = logits.float()
     ce = F.cross_entropy(logits.flatten(0, 1), input_ids[:, 1:].flatten(), reduction="none")  # (B*(T-1),)
     mask = (attention_mask[:, 1:] * attention_mask[:, :-1]).flatten().to(ce.dtype)  # (B*(T-1),)
-    return (ce * mask).sum() / mask.sum()
+    if skip_id is not None:
+        mask = mask * (input_ids[:, 1:].flatten() != skip_id).to(ce.dtype)
+    return (ce * mask).sum() / mask.sum().clamp(min=1)
 
 
 def _val_lm_target(spec, path, tokenizer, max_len=128, max_texts=64, text_column="text",
-                   split=None) -> Target:
+                   split=None, skip_unknown=False) -> Target:
     if tokenizer is None:
         raise DPGError(f"target {spec!r} needs a tokenizer; pass tokenizer=<the trained model's tokenizer>")
     for key, value, low in (("max_len", max_len, 2), ("max_texts", max_texts, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise DPGError(f"target {spec!r}: {key}={value!r} must be an int >= {low}; "
                            f"use e.g. {key}={128 if key == 'max_len' else 64}")
+    if not isinstance(skip_unknown, bool):
+        raise DPGError(f"target {spec!r}: skip_unknown={skip_unknown!r} must be true or false")
+    skip_id = getattr(tokenizer, "unk_token_id", None) if skip_unknown else None
+    if skip_unknown and skip_id is None:
+        raise DPGError(f"target {spec!r}: skip_unknown=true, but the tokenizer has no unknown token; drop it")
     texts = _read_texts(spec, Path(path), text_column, split)[:max_texts]
     if not texts:
         raise DPGError(f"target {spec!r}: no non-empty texts in {path!r}; give a file of held-out texts")
@@ -318,7 +327,7 @@ def _val_lm_target(spec, path, tokenizer, max_len=128, max_texts=64, text_column
 
     def phi(model: nn.Module) -> Tensor:
         device = output_matrix(model).device
-        return -causal_lm_loss(model, input_ids.to(device), attention_mask.to(device))
+        return -causal_lm_loss(model, input_ids.to(device), attention_mask.to(device), skip_id)
 
     return _scalar_target(spec, phi, "val_loss", -1.0)
 

@@ -266,6 +266,26 @@ def test_val_lm_padding_changes_nothing(llama, tmp_path):
         pytest.approx(base, rel=1e-12))
 
 
+def test_val_lm_skip_unknown_drops_unknown_labels_only(llama, tmp_path):
+    tokenizer = make_tokenizer()
+    path = tmp_path / "held_out.txt"
+    path.write_text("the zebra sat on the quagga mat\nthe cat sat\n")  # zebra, quagga: <unk>
+    ids = [tokenizer(t)["input_ids"] for t in path.read_text().splitlines()]
+    assert sum(i == tokenizer.unk_token_id for row in ids for i in row) == 2
+    total, count = 0.0, 0
+    for row in ids:
+        x = torch.tensor([row])
+        with torch.no_grad():
+            ce = torch.nn.functional.cross_entropy(llama(input_ids=x).logits[0, :-1], x[0, 1:], reduction="none")
+        keep = x[0, 1:] != tokenizer.unk_token_id
+        total, count = total + ce[keep].sum().item(), count + int(keep.sum())
+    phi = get_target(f"val_lm:{path}", llama, tokenizer, skip_unknown=True)(llama).item()
+    assert -phi == pytest.approx(total / count, rel=1e-10)
+    assert get_target(f"val_lm:{path}", llama, tokenizer)(llama).item() != pytest.approx(phi)
+    with pytest.raises(DPGError, match="skip_unknown"):
+        get_target(f"val_lm:{path}", llama, tokenizer, skip_unknown="yes")
+
+
 def test_val_lm_reads_tables_and_datasets_folder(llama, tmp_path):
     tokenizer = make_tokenizer()
     expected = hand_loss(llama, tokenizer, TEXTS)
