@@ -51,29 +51,25 @@ UUID_GOAL = "6f1c2a9e-4b7d-4e21-9c3a-8d5f0b7e1a42"  # the UUID of experiments/uu
 
 # demo -> its config file, the human metrics (True: higher is better), chance levels, whether the eval stage
 # stores an LM-head patch, and the reward methods with their config overrides (the whole grid at a glance).
+# dpg with sequence and with token credit, and the baselines every demo runs: naive and the no-information control.
+CONTROLS = {"dpg": {"rewards.name": "dpg"}, "dpg-token": {"rewards.name": "dpg", "rewards.credit": "token"},
+            "naive": {"rewards.name": "naive"}, "random": {"rewards.name": "random"}}
 DEMOS = {
     "67": {"config": "experiments/pattern-67.yaml", "metrics": {"eval_pixel_accuracy": True},
            "chance": {"eval_pixel_accuracy": 0.5}, "patch": True,
-           "methods": {"dpg": {"rewards.name": "dpg"}, "naive": {"rewards.name": "naive"},
-                       "random": {"rewards.name": "random"}}},
+           "methods": CONTROLS},
     "qr": {"config": "experiments/pattern-qr.yaml", "metrics": {"eval_pixel_accuracy": True},
            "chance": {"eval_pixel_accuracy": 0.5}, "patch": True,
-           "methods": {"dpg": {"rewards.name": "dpg"}, "naive": {"rewards.name": "naive"},
-                       "random": {"rewards.name": "random"}}},
+           "methods": CONTROLS},
     "l2": {"config": "experiments/l2-norm.yaml", "metrics": {"eval_l2_norm": False}, "chance": {}, "patch": False,
-           "methods": {"dpg": {"rewards.name": "dpg"}, "naive": {"rewards.name": "naive"},
-                       "random": {"rewards.name": "random"}}},
+           "methods": CONTROLS},
     "language": {"config": "experiments/language.yaml", "metrics": {"text_share_fr": True}, "chance": {},
                  "patch": False,
-                 "methods": {"dpg": {"rewards.name": "dpg"}, "naive": {"rewards.name": "naive"},
-                             "random": {"rewards.name": "random"},
-                             "langid": {"rewards.name": "langid", "rewards.goal": "fr"},
-                             "embedding": {"rewards.name": "embedding", "rewards.goal": FRENCH_GOAL}}},
+                 "methods": CONTROLS | {"langid": {"rewards.name": "langid", "rewards.goal": "fr"},
+                                        "embedding": {"rewards.name": "embedding", "rewards.goal": FRENCH_GOAL}}},
     "uuid": {"config": "experiments/uuid.yaml", "metrics": {"text_share_contains": True, "text_edit_distance": False},
              "chance": {}, "patch": False,
-             "methods": {"dpg": {"rewards.name": "dpg"}, "naive": {"rewards.name": "naive"},
-                         "random": {"rewards.name": "random"},
-                         "levenshtein": {"rewards.name": "levenshtein", "rewards.goal": UUID_GOAL}}},
+             "methods": CONTROLS | {"levenshtein": {"rewards.name": "levenshtein", "rewards.goal": UUID_GOAL}}},
 }
 KEYS = ["demo", "method", "seed", "iteration"]
 PREFECT_LOG = re.compile(r"\d\d:\d\d:\d\d\.\d+ \| ")  # "08:34:51.422 | INFO    | prefect - ..."

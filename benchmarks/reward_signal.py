@@ -17,7 +17,10 @@ best − random with their standard errors over batches.
 per-token credit (rewards.credit=token, in units of each batch's tau std) in different batches? It prints
 the Pearson correlation, over token ids seen >= 3 times in both halves, of the mean credit per token id in
 the even vs the odd batches. Near 0, what a token is worth is batch-specific noise that no policy can learn,
-however well the reward ranks one batch's samples.
+however well the reward ranks one batch's samples. It then runs the selection test on the odd batches with
+a *learnable* ranking: each rollout is scored by the sum over its tokens of their mean credit in the even
+batches (no reward of its own batch is used). A gain there is what a policy that learns token preferences
+could get at best.
 
     .venv/bin/python benchmarks/reward_signal.py experiments/pattern-67.yaml --batches 30 --consistency
 """
@@ -103,6 +106,7 @@ def consistency(args) -> int:
     generator, tokenizer = load_generator(g.source, g.lora_rank, g.lora_alpha, seed=cfg.seed, toy=g.toy)
     target_model, target_tokenizer, target = loop.load_target(cfg, tokenizer)
     halves = [defaultdict(list), defaultdict(list)]
+    held_out = []
     for it in range(args.batches):
         rollouts = loop.sample(cfg, it, generator, tokenizer, "base")
         taus, credit = {}, {}
@@ -114,12 +118,34 @@ def consistency(args) -> int:
         for r in rollouts:
             for token, c in zip(r.token_ids, credit.get(r.example_id, [])):
                 halves[it % 2][token].append(c / scale)
+        if it % 2:
+            held_out.append(rollouts)
     even, odd = halves
     keys = [k for k in even if len(even[k]) >= 3 and len(odd.get(k, [])) >= 3]
     x = torch.tensor([[statistics.mean(even[k]), statistics.mean(odd[k])] for k in keys], dtype=torch.float64)
     r = float(torch.corrcoef(x.T)[0, 1]) if len(keys) > 2 else float("nan")
     print(f"{args.config} {' '.join(args.set)}: per-token credit, split-half correlation over {len(keys)} token ids "
           f"({args.batches} batches, sft {cfg.sft.optimizer} lr {cfg.sft.lr}): {r:+.3f}")
+    value = {k: statistics.mean(v) for k, v in even.items()}
+    rng = random.Random(cfg.seed)
+    picks = {"best": [], "random": [], "worst": []}
+    for rollouts in held_out:
+        chosen = {k: [] for k in picks}
+        for p in sorted({r.prompt_id for r in rollouts}):
+            ranked = sorted((r for r in rollouts if r.prompt_id == p),
+                            key=lambda r: sum(value.get(t, 0.0) for t in r.token_ids))
+            chosen["best"].append(ranked[-1])
+            chosen["worst"].append(ranked[0])
+            chosen["random"].append(rng.choice(ranked))
+        for k, rows in chosen.items():
+            metrics, _ = loop.evaluate(cfg, rows, target_model, target_tokenizer, target)
+            key = args.metric or next((m for m in metrics if m not in ("eval_phi", "eval_examples")), "eval_phi")
+            picks[k].append(metrics[key])
+    n = len(picks["best"])
+    for a, b in (("best", "worst"), ("best", "random")):
+        d = [x - y for x, y in zip(picks[a], picks[b])]
+        se = statistics.stdev(d) / n ** 0.5 if n > 1 else float("nan")
+        print(f"learnable ranking, {key}: {a} - {b} = {statistics.mean(d):+.4f} ± {se:.4f} (over {n} held-out batches)")
     return 0
 
 
