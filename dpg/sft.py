@@ -49,7 +49,7 @@ def prepare(input_ids: Tensor, attention_mask: Tensor, config: SFTConfig, weight
     if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
         raise DPGError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
                        "must both be (n_examples, seq_len)")
-    n = input_ids.shape[0]
+    n, shape = input_ids.shape[0], tuple(input_ids.shape)
     config.inner_steps(n)
     mask = attention_mask.long()
     if not torch.all((mask == 0) | (mask == 1)):
@@ -66,10 +66,10 @@ def prepare(input_ids: Tensor, attention_mask: Tensor, config: SFTConfig, weight
                            f">= sft.max_len={config.max_len}")
         input_ids, mask = input_ids[:, : config.max_len], mask[:, : config.max_len]
     w = torch.ones(n) if weights is None else torch.as_tensor(weights).detach()
-    if w.shape != (n,) and w.shape != tuple(input_ids.shape):
-        raise DPGError(f"weights has shape {tuple(w.shape)}; expected ({n},), one per example, or "
-                       f"{tuple(input_ids.shape)}, one per token")
-    w = w[:, : input_ids.shape[1]] if w.ndim == 2 else w
+    if w.shape != (n,) and w.shape != shape:
+        raise DPGError(f"weights has shape {tuple(w.shape)}; expected ({n},), one per example, or {shape}, one "
+                       "per token")
+    w = w[:, : input_ids.shape[1]] if w.ndim == 2 else w  # cropped with the padding columns
     return Batch(input_ids.long().to(device), mask.to(device), w.to(device, config.torch_dtype))
 
 
