@@ -41,11 +41,13 @@ def toy_vocabulary(corpora: tuple[str, ...], size: int) -> tuple[str, ...]:
     counts = [Counter(t for _, text in load_texts(c) for t in TOKEN.findall(text.lower())) for c in corpora]
     ranked = [sorted(c, key=lambda w, c=c: (-c[w], w)) for c in counts]
     words: list[str] = []
+    taken: set[str] = set()
     depth = 0
     while len(words) < size - len(SPECIALS) and any(depth < len(r) for r in ranked):
         for r in ranked:  # round robin: each corpus contributes its next most frequent new word
-            if depth < len(r) and r[depth] not in words and len(words) < size - len(SPECIALS):
+            if depth < len(r) and r[depth] not in taken and len(words) < size - len(SPECIALS):
                 words.append(r[depth])
+                taken.add(r[depth])
         depth += 1
     return tuple(SPECIALS + words)
 

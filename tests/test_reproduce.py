@@ -79,4 +79,5 @@ def test_final_iteration_is_the_last_one_every_cell_reached():
 
 def test_script_help_runs():
     result = subprocess.run([sys.executable, str(PATH), "--help"], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and "--report-only" in result.stdout and "uuid: dpg, dpg-token, naive, random" in result.stdout
+    assert result.returncode == 0 and "--report-only" in result.stdout
+    assert "uuid: dpg, dpg-token, naive, random" in result.stdout
