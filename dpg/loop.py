@@ -97,8 +97,8 @@ def group_rewards(cfg: DPGConfig, rollouts: list[Rollout], group: int, target_mo
                   target, progress: Progress | None = None
                   ) -> tuple[dict[str, float], SFTRun | None, dict[str, list[float]]]:
     """Raw rewards {example_id: tau} of one SFT group's rollouts, its SFT run (None for text rewards), and,
-    with rewards.credit=token, each rollout's per-generator-token credit {example_id: [c_ij]} ({} otherwise;
-    sum_j c_ij = tau_i up to truncation at sft.max_len, see dpg.credit).
+    with token credit (rewards.credit token / token-own), each rollout's per-generator-token credit
+    {example_id: [c_ij]} ({} otherwise; sum_j c_ij = tau_i up to truncation at sft.max_len, see dpg.credit).
 
     Every member gets an entry. SFT rewards: an empty completion keeps its SFT slot as a one-token row that
     contributes nothing (`to_target_examples`: its loss and metagradient are exactly 0), and its tau is NaN
@@ -123,7 +123,7 @@ def group_rewards(cfg: DPGConfig, rollouts: list[Rollout], group: int, target_mo
         if any(empty):
             log.warning("outer iteration %d, SFT group %d: %d empty completion(s) get no reward (tau = NaN)", it,
                         group, sum(empty))
-        per_token = cfg.rewards.credit == "token"
+        per_token = cfg.rewards.credit != "sequence"
         tau, runs = reward(target_model, {group: (ids, mask)}, target, cfg.sft, it, progress,
                            **({"per_token": True} if per_token else {}))
     scores = tau[group]
@@ -161,8 +161,9 @@ def advantages(cfg: DPGConfig, rollouts: list[Rollout], taus: dict[str, float],
                credit: dict[str, list[float]] | None = None) -> list[Reward]:
     """Group-normalised advantages (groups = the rollouts of one prompt), one Reward record per rollout.
 
-    With per-token `credit` (rewards.credit=token) each record also gets `token_advantages` from the
-    reward-to-go (dpg.credit.token_advantages), which the update then uses in place of `advantage`.
+    With per-token `credit` (rewards.credit token / token-own) each record also gets `token_advantages`
+    (dpg.credit.token_advantages of the credit itself or of its reward-to-go), which the update then uses in
+    place of `advantage`.
 
     `taus` holds every rollout's raw reward. An empty completion without a reward (tau NaN: SFT rewards)
     gets advantage 0: it did not shape the target, so the policy gradient neither favours nor penalises
@@ -188,7 +189,8 @@ def advantages(cfg: DPGConfig, rollouts: list[Rollout], taus: dict[str, float],
                     "advantage is 0 and the generator update is skipped", it, len(scored), len(rollouts) - len(scored))
     per_token = {}
     if credit and scale > 0.0:
-        returns = {k: reward_to_go(torch.tensor(v, dtype=torch.float64)) for k, v in credit.items()}
+        to_go = reward_to_go if cfg.rewards.credit == "token" else (lambda c: c)
+        returns = {k: to_go(torch.tensor(v, dtype=torch.float64)) for k, v in credit.items()}
         per_token, _ = token_advantages(rollouts, returns, cfg.rewards.eps_fraction)
     return [Reward(r.example_id, r.outer_iteration, r.group_id, cfg.rewards.name, taus[r.example_id], scale,
                    by_id.get(r.example_id, 0.0), empty=is_empty(r),

@@ -124,8 +124,9 @@ class RewardConfig:
     """A flat batch (every rollout's reward equal: no learning signal) skips the generator update; the
     run stops with an error at the max_flat_batches-th flat batch in a row (1: at the first)."""
     credit: str = "sequence"
-    """`sequence`: every token of a rollout gets its advantage; `token` (name dpg only): per-token
-    metagradients, each generator token credited with its reward-to-go (dpg.credit)."""
+    """`sequence`: every token of a rollout gets its advantage. With per-token metagradients (name dpg only,
+    dpg.credit): `token`, each generator token is credited with its reward-to-go (its own share of tau plus
+    every later token's); `token-own`, with its own share only (the loss terms of the target tokens it wrote)."""
 
     def __post_init__(self) -> None:
         _require(_real(self.eps_fraction) and self.eps_fraction > 0, "eps_fraction", self.eps_fraction,
@@ -136,8 +137,7 @@ class RewardConfig:
         _require(_text(self.name), "name", self.name, "use e.g. 'dpg', 'levenshtein' or module:function",
                  prefix="rewards")
         _require(_text(self.goal, optional=True), "goal", self.goal, "use a string or null", prefix="rewards")
-        _require(self.credit in ("sequence", "token"), "credit", self.credit, "use 'sequence' or 'token'",
-                 prefix="rewards")
+        _require(self.credit in CREDITS, "credit", self.credit, f"use one of {list(CREDITS)}", prefix="rewards")
         _require(self.credit == "sequence" or self.name == "dpg", "credit", self.credit,
                  f"use 'sequence' with rewards.name={self.name!r}; token credit needs per-token metagradients "
                  "(rewards.name='dpg')", prefix="rewards")
@@ -197,6 +197,7 @@ def _text(x: Any, optional: bool = False) -> bool:
 SECTIONS = {"target": TargetConfig, "generator": GeneratorConfig, "prompts": PromptConfig,
             "rollouts": RolloutConfig, "sft": SFTConfig, "rewards": RewardConfig, "policy": PolicyConfig,
             "storage": StorageConfig, "tracking": TrackingConfig, "execution": ExecutionConfig}
+CREDITS = ("sequence", "token", "token-own")
 NOT_IDENTITY = ("outer_iterations", "storage", "tracking", "execution")
 
 

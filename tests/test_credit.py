@@ -107,3 +107,15 @@ def test_token_credit_needs_the_dpg_reward():
         load_config(None, ["rewards.credit=token", "rewards.name=naive"])
     with pytest.raises(DPGError, match="rewards.credit"):
         load_config(None, ["rewards.credit=words"])
+
+
+def test_token_own_credits_each_token_with_its_own_share_and_token_with_its_reward_to_go():
+    rollouts = [Rollout(f"0-0-{k}", 0, 0, k, k, "p", "x y", [1], [5, 6], [0.0, 0.0], "length", "v") for k in range(2)]
+    taus = {"0-0-0": 3.0, "0-0-1": 1.0}
+    credit = {"0-0-0": [1.0, 2.0], "0-0-1": [0.5, 0.5]}
+    for mode, returns in (("token-own", {k: torch.tensor(v) for k, v in credit.items()}),
+                          ("token", {k: reward_to_go(torch.tensor(v)) for k, v in credit.items()})):
+        cfg = load_config(None, [f"rewards.credit={mode}"])
+        expected, _ = token_advantages(rollouts, {k: v.double() for k, v in returns.items()}, cfg.rewards.eps_fraction)
+        got = {w.example_id: w.token_advantages for w in loop.advantages(cfg, rollouts, taus, credit)}
+        assert all(got[k] == pytest.approx(expected[k].tolist()) for k in got), mode
