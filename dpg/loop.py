@@ -77,13 +77,39 @@ def small_llama(vocab_size: int, hidden: int, layers: int, seed: int) -> nn.Modu
         return LlamaForCausalLM(config).eval()
 
 
+def pretrain(model: nn.Module, tokenizer, texts: list[str], steps: int, seed: int, batch: int = 32,
+             length: int = 32, lr: float = 3e-3) -> nn.Module:
+    """`steps` AdamW steps of plain next-token training on random windows of the concatenated texts (each text
+    ends with eos), in place; windows are drawn from a generator seeded by `seed`. Returns the model in eval mode."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    stream = torch.tensor([i for text in texts for i in [*tokenizer(text)["input_ids"], eos]])
+    if len(stream) <= length:
+        raise DPGError(f"target.tiny_pretrain_steps needs more than {length} tokens of prompt corpus; "
+                       f"it has {len(stream)}")
+    g = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(stream) - length, (batch,), generator=g)
+        x = torch.stack([stream[a:a + length] for a in starts.tolist()])  # (batch, length)
+        loss = model(input_ids=x, labels=x).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
 def load_target(cfg: DPGConfig, generator_tokenizer) -> tuple[nn.Module, Any, Any]:
-    """(target model, its tokenizer, the target metric Phi); any draw while building them is seeded by cfg.seed."""
+    """(target model, its tokenizer, the target metric Phi); any draw while building them is seeded by cfg.seed.
+    A `tiny` target is pretrained on the prompt corpus first when target.tiny_pretrain_steps > 0."""
     t = cfg.target
     with seeded(cfg.seed):
         if t.model == "tiny":
             model, tokenizer = small_llama(len(generator_tokenizer), t.tiny_hidden, t.tiny_layers, cfg.seed), \
                 generator_tokenizer
+            if t.tiny_pretrain_steps:
+                texts = load_texts(cfg.prompts.source, cfg.prompts.text_column) if cfg.prompts.source else load_texts()
+                pretrain(model, tokenizer, [text for _, text in texts], t.tiny_pretrain_steps, cfg.seed)
         else:
             model, tokenizer = load_causal_lm(t.model)
         return model, tokenizer, get_target(t.spec, model, tokenizer, **t.options)

@@ -35,6 +35,9 @@ class TargetConfig:
     """Hidden size of the `tiny` target."""
     tiny_layers: int = 2
     """Layers of the `tiny` target."""
+    tiny_pretrain_steps: int = 0
+    """AdamW steps of plain LM pretraining of the `tiny` target on the prompt corpus before any SFT (0: it stays
+    random). A structured target makes the value of a token stable across batches (RESULTS-reproduce.md)."""
     text_metrics: list[str] = field(default_factory=lambda: ["length"])
     """Human metrics of the generated texts, logged with the evaluation (dpg.textmetrics): `length`,
     `langid:<code>` (share in that language), `contains:<string>` (share containing it, edit distance)."""
@@ -45,6 +48,8 @@ class TargetConfig:
         for key in ("tiny_hidden", "tiny_layers"):
             _require(_int(getattr(self, key)) and getattr(self, key) >= 1, key, getattr(self, key),
                      "use an integer >= 1", prefix="target")
+        _require(_int(self.tiny_pretrain_steps) and self.tiny_pretrain_steps >= 0, "tiny_pretrain_steps",
+                 self.tiny_pretrain_steps, "use an integer >= 0", prefix="target")
         _require(_text(self.model), "model", self.model, "use 'tiny', 'smollm2' or a local model folder",
                  prefix="target")
         _require(isinstance(self.options, dict), "options", self.options, "use a mapping, e.g. {kappa: 1.0}",

@@ -58,3 +58,18 @@ def test_a_built_in_corpus_is_a_val_lm_target_and_text_metrics_reach_the_evaluat
     words = sum(len(r.text.split()) for r in rollouts) / len(rollouts)
     assert metrics["text_mean_words"] == pytest.approx(words) and 0 <= metrics["text_share_fr"] <= 1
     assert "eval_val_loss" in metrics
+
+
+def test_a_pretrained_tiny_target_is_seeded_and_has_learned_the_corpus():
+    base = ["generator.source=toy", "generator.toy={vocab: 64, hidden: 32, layers: 1}", "target.tiny_hidden=32",
+            "target.tiny_layers=1"]
+    _, tokenizer = load_generator("toy", seed=0, toy={"vocab": 64, "hidden": 32, "layers": 1})
+    spec = "target.spec=val_lm:wiki-vital"
+    random_target = loop.load_target(load_config(None, [*base, spec]), tokenizer)
+    a = loop.load_target(load_config(None, [*base, spec, "target.tiny_pretrain_steps=30"]), tokenizer)
+    b = loop.load_target(load_config(None, [*base, spec, "target.tiny_pretrain_steps=30"]), tokenizer)
+    wa, wb = (m.get_input_embeddings().weight for m in (a[0], b[0]))
+    assert torch.equal(wa, wb) and not a[0].training
+    assert a[2].report(a[0])["val_loss"] < random_target[2].report(random_target[0])["val_loss"] - 0.5
+    with pytest.raises(DPGError, match="tiny_pretrain_steps"):
+        load_config(None, ["target.tiny_pretrain_steps=-1"])
