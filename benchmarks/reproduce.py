@@ -14,7 +14,9 @@ Outputs, rebuilt from the store after the grid (or alone with `--report-only`):
   iteration, mean ± sample std over seeds, the per-seed final values, and DPG − method at the final iteration with a
   verdict: "DPG ahead by > 2x spread" when DPG's advantage (in the metric's better direction) exceeds twice the
   spread, the larger of the two methods' sample std over seeds; "method ahead by > 2x spread" the other way round;
-  otherwise "not separated". The final iteration is the last one that every cell of the demo reached.
+  otherwise "not separated". Two less noisy columns follow: the mean over the last quarter of the iterations, and
+  DPG − method over that quarter paired by seed (mean ± std of the per-seed differences). The final iteration is
+  the last one that every cell of the demo reached.
 - `<out>/<demo>.png`: each human metric against the outer iteration, per method the mean over seeds and a ±std band,
   a dotted chance line where one exists; for pattern demos `<out>/<demo>-patch.png`: sign(Δ) of the LM-head patch
   after the final iteration's eval SFT, of the best dpg seed, next to the goal image.
@@ -108,20 +110,37 @@ def stage(run: str, it: int, name: str) -> str:
     return io.join(run, f"iter-{it:04d}", name)
 
 
+def same_config_run(cfg) -> str | None:
+    """A run folder under cfg's local store whose stored config, read by this version of dpg, has cfg's identity:
+    a run made before dpg gained a config field (new fields take their defaults, but the hash changed)."""
+    from dpg.runconfig import DPGConfig
+
+    root = Path(cfg.storage.url)
+    for path in sorted(root.glob(f"{cfg.name}-*/config.json")) if root.is_dir() else []:
+        try:
+            if DPGConfig.from_dict(json.loads(path.read_text())).identity() == cfg.identity():
+                return str(path.parent)
+        except Exception:  # noqa: BLE001 (a config of another dpg version that no longer loads is simply no match)
+            continue
+    return None
+
+
 def cell_run(cell: tuple, ledger: dict) -> tuple[str, dict, int]:
-    """(run folder, storage options, outer iterations) of a cell: `tasks.stages.run_url` of its config, or the
-    folder recorded when it ran if only that one exists (dpg's defaults, hence the config hash, changed since)."""
+    """(run folder, storage options, outer iterations) of a cell: `tasks.stages.run_url` of its config, else the
+    folder recorded when it ran or a folder with the same config (dpg's defaults, hence the hash, changed since)."""
     from tasks import io
     from tasks.stages import run_url
 
     cfg = cell_config(*cell[3:])
     url, options = run_url(cfg), cfg.storage.storage_options
     exists = lambda run: io.filesystem(io.join(run, "config.json"), options)[0].exists(io.join(run, "config.json"))
-    recorded = ledger.get(cell_name(*cell[:3]), {}).get("run")
-    if recorded and recorded != url and not exists(url) and exists(recorded):
-        print(f"note: {cell_name(*cell[:3])}: using its recorded run {recorded}; its config now hashes to {url}, "
-              "which does not exist (a rerun would start a new run)", file=sys.stderr)
-        url = recorded
+    if not exists(url):
+        recorded = ledger.get(cell_name(*cell[:3]), {}).get("run")
+        found = recorded if recorded and exists(recorded) else same_config_run(cfg)
+        if found:
+            print(f"note: {cell_name(*cell[:3])}: using the run {found}; its config now hashes to {url}, "
+                  "which does not exist (a rerun would start a new run)", file=sys.stderr)
+            url = found
     return url, options, cfg.outer_iterations
 
 
@@ -237,10 +256,20 @@ def mean_std(values) -> str:
     return f"{statistics.fmean(values):.4g} ± {std:.2g}"
 
 
+def last_quarter(frame, metric: str, method: str, final: int) -> dict[int, float]:
+    """{seed: mean of `metric` over the last quarter of iterations 0..final} for one method (less noisy than one
+    iteration)."""
+    start = final - max(1, (final + 1) // 4) + 1
+    part = frame[(frame["method"] == method) & (frame["iteration"] >= start) & (frame["iteration"] <= final)]
+    return part.groupby("seed")[metric].mean().dropna().to_dict()
+
+
 def method_table(frame, metric: str, higher_is_better: bool, final: int) -> list[dict]:
-    """One row per method of one demo: n seeds, first and final iteration mean ± std, per-seed finals, DPG − method."""
+    """One row per method of one demo: n seeds, first and final iteration mean ± std, per-seed finals, DPG − method,
+    and the last quarter's mean with DPG − method paired by seed (same seed: same target, generator and prompts)."""
     at = lambda it, m: frame[(frame["iteration"] == it) & (frame["method"] == m)].sort_values("seed")
     dpg_final = at(final, "dpg")[metric].dropna()
+    dpg_quarter = last_quarter(frame, metric, "dpg", final)
     rows = []
     for method in dict.fromkeys(frame["method"]):  # registry order
         first, last = at(0, method)[metric].dropna(), at(final, method)
@@ -252,6 +281,10 @@ def method_table(frame, metric: str, higher_is_better: bool, final: int) -> list
             row |= {"DPG − method": f"{diff:+.3g}", "verdict": word}
         else:
             row |= {"DPG − method": "", "verdict": ""}
+        quarter = last_quarter(frame, metric, method, final)
+        paired = [dpg_quarter[k] - v for k, v in quarter.items() if k in dpg_quarter]
+        row |= {"last quarter": mean_std(quarter.values()),
+                "paired DPG − method, last quarter": mean_std(paired) if method != "dpg" and paired else ""}
         rows.append(row)
     return rows
 
@@ -414,7 +447,12 @@ def main() -> int:
     if not args.report_only:
         ledger["command"] = shlex.join([os.path.relpath(sys.executable, ROOT) if Path(sys.executable).is_relative_to(
             ROOT) else sys.executable, "benchmarks/reproduce.py", *sys.argv[1:]])
-        save = lambda: ledger_file.write_text(json.dumps(ledger, indent=1, sort_keys=True))
+        def save() -> None:  # merge with what other grid processes wrote meanwhile, then replace atomically
+            on_disk = json.loads(ledger_file.read_text()) if ledger_file.is_file() else {}
+            merged = on_disk | ledger | {"cells": on_disk.get("cells", {}) | ledger.get("cells", {})}
+            tmp = ledger_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))
+            os.replace(tmp, ledger_file)
         save()
         failed = run_grid(cells, args.out, ledger.setdefault("cells", {}), save)
 
