@@ -1,15 +1,16 @@
 """Token credit: per-token metagradients turned into per-token advantages of the generator's tokens.
 
-With `rewards.credit: token`, the SFT weights are per token (dpg.sft): tau_is = dPhi/dw_is scores the loss
-term that predicts target token s of example i, and sum_s tau_is = tau_i. Generator token j of a
-completion is credited with every target term whose token starts inside j's characters (the text is
-retokenised for the target, so the two tokenisations differ in general), and its action value is the
-reward-to-go
+With `rewards.credit: token` or `token-own`, the SFT weights are per token (dpg.sft): tau_is = dPhi/dw_is
+scores the loss term that predicts target token s of example i, and sum_s tau_is = tau_i. Generator token j
+of a completion is credited (c_ij) with every target term whose token starts inside j's characters (the text
+is retokenised for the target, so the two tokenisations differ in general). Its action value R_ij is, for
+`token`, the reward-to-go
 
-    R_ij = sum_{j' >= j} c_ij'       (c_ij: credit of generator token j)
+    R_ij = sum_{j' >= j} c_ij'
 
-since token j shapes its own label and, as context, every later one; R_i0 = tau_i (up to truncation at
-sft.max_len). The advantage of token j is R_ij minus the mean R at position j over the other rollouts of
+since token j shapes its own label and, as context, every later one (R_i0 = tau_i up to truncation at
+sft.max_len); for `token-own`, R_ij = c_ij, its own label terms only (less variance, no context credit). The
+advantage of token j is R_ij minus the mean R at position j over the other rollouts of
 the same prompt (a leave-one-out baseline; a rollout that ended before j counts as 0, as it earns nothing
 more), divided by the batch's std of these differences: the token-level form of the group-normalised
 sequence advantage (dpg.advantages).

@@ -111,11 +111,11 @@ def grpo_loss(new_logprobs: list[Tensor], old_logprobs: list[Tensor], advantages
     """
     S = len(new_logprobs)
     lengths = torch.tensor([x.numel() for x in new_logprobs])  # (S,)
-    per_token = isinstance(advantages, (list, tuple))
+    token_level = isinstance(advantages, (list, tuple))
     shape_ok = (len(advantages) == S and all(a.numel() == n for a, n in zip(advantages, lengths.tolist()))
-                if per_token else advantages.shape == (S,))
+                if token_level else advantages.shape == (S,))
     if S == 0 or len(old_logprobs) != S or not shape_ok or (lengths == 0).any():
-        shape = [a.numel() for a in advantages] if per_token else tuple(advantages.shape)
+        shape = [a.numel() for a in advantages] if token_level else tuple(advantages.shape)
         raise DPGError(f"grpo_loss got {S} sequences, {len(old_logprobs)} old log-prob lists and advantages "
                        f"{shape}; pass one non-empty completion, old log-probs and advantage (or one per "
                        "token) each")
@@ -125,7 +125,7 @@ def grpo_loss(new_logprobs: list[Tensor], old_logprobs: list[Tensor], advantages
     if old.shape != new.shape:
         raise DPGError(f"old log-probs have {old.numel()} tokens, new ones {new.numel()}; one per completion token")
     seq = torch.repeat_interleave(torch.arange(S, device=device), lengths.to(device))  # (N,) sequence of each token
-    A = (torch.cat([a.detach().reshape(-1) for a in advantages]).to(device, dtype) if per_token
+    A = (torch.cat([a.detach().reshape(-1) for a in advantages]).to(device, dtype) if token_level
          else advantages.detach().to(device, dtype)[seq])  # (N,)
     ratio = torch.exp(new - old)
     per_token = -torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
@@ -177,12 +177,12 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, prompt_ids
     clip_fraction, kl, ratio_mean (token means), grad_norm (mean pre-clip norm over steps) and steps.
     """
     S = len(prompt_ids)
-    per_token = isinstance(advantages, (list, tuple))
-    A = [torch.as_tensor(a).detach() for a in advantages] if per_token else torch.as_tensor(advantages).detach()
-    if not (S == len(completion_ids) == len(old_logprobs) and len(A) == S and (per_token or A.ndim == 1)):
+    token_level = isinstance(advantages, (list, tuple))
+    A = [torch.as_tensor(a).detach() for a in advantages] if token_level else torch.as_tensor(advantages).detach()
+    if not (S == len(completion_ids) == len(old_logprobs) and len(A) == S and (token_level or A.ndim == 1)):
         raise DPGError(f"policy_update got {S} prompts, {len(completion_ids)} completions, {len(old_logprobs)} "
                        f"old log-prob lists and {len(A)} advantages; pass one of each per rollout")
-    if not all(torch.isfinite(a).all() for a in (A if per_token else [A])):
+    if not all(torch.isfinite(a).all() for a in (A if token_level else [A])):
         raise DPGError("advantages are not all finite; compute them with dpg.advantages.group_advantages")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     minibatch = min(config.minibatch or S, S)
@@ -204,7 +204,7 @@ def policy_update(model: nn.Module, optimizer: torch.optim.Optimizer, prompt_ids
                     mb = rows[b:b + chunk]
                     new = sequence_logprobs(model, [prompt_ids[i] for i in mb], [completion_ids[i] for i in mb])
                     loss, stats = grpo_loss(new, [old_logprobs[i] for i in mb],
-                                            [A[i] for i in mb] if per_token else A[mb], config.clip_eps,
+                                            [A[i] for i in mb] if token_level else A[mb], config.clip_eps,
                                             None if ref is None else [ref[i] for i in mb], config.kl_coef)
                     (loss * (len(mb) / len(rows))).backward()  # the minibatch's loss is the mean over its rows
                     totals["loss"] += stats["loss"] * len(mb) / len(rows)

@@ -151,7 +151,7 @@ def sft_group(cfg: DPGConfig, it: int, rollouts_url: str, group: int) -> str:
     taus, run, credit = loop.group_rewards(cfg, rollouts, group, model, tokenizer, target)
     seconds = time.perf_counter() - start
     frame = pd.DataFrame({"example_id": list(taus), "tau": list(taus.values())})
-    if credit:  # rewards.credit=token: per generator token, [] for an empty completion
+    if credit:  # token credit: one value per generator token, [] for an empty completion
         frame["credit"] = [credit.get(k, []) for k in taus]
     files = {"tau.parquet": frame}
     if run is not None:
