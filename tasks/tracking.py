@@ -109,7 +109,8 @@ def log_iteration(cfg: DPGConfig, it: int, mlflow_run_id: str, rewards_url: str,
     mc.log_batch(mlflow_run_id, metrics=[Metric(k, float(v), now, it) for k, v in sorted(metrics.items())])
     mc.set_tag(mlflow_run_id, f"dpg.generator.iter-{it:04d}", generator_url)
     records = io.read_table(rewards_url, "records.parquet", options)
-    dataset = mlflow.data.from_pandas(records.drop(columns=["prompt_token_ids", "token_ids", "logprobs"]),
+    lists = ["prompt_token_ids", "token_ids", "logprobs", "token_ends", "token_advantages"]  # MLflow cannot type them
+    dataset = mlflow.data.from_pandas(records.drop(columns=[c for c in lists if c in records]),
                                       source=io.join(rewards_url, manifest["files"]["records.parquet"]["file"]),
                                       name=f"{cfg.run_id}-iter-{it:04d}",
                                       digest=manifest["files"]["records.parquet"]["sha256"][:16])
