@@ -37,6 +37,56 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def setup(cfg):
+    """(generator, its tokenizer, target model, target tokenizer, target) of a config, as a run builds them."""
+    from dpg import loop
+    from dpg.generator import load_generator
+
+    g = cfg.generator
+    generator, tokenizer = load_generator(g.source, g.lora_rank, g.lora_alpha, seed=cfg.seed, toy=g.toy)
+    return (generator, tokenizer, *loop.load_target(cfg, tokenizer))
+
+
+def rewards_of(cfg, rollouts, target_model, target_tokenizer, target) -> tuple[dict, dict]:
+    """({example_id: tau}, {example_id: per-token credit}) of one batch, every SFT group."""
+    from dpg import loop
+
+    taus, credit = {}, {}
+    for group in loop.group_ids(cfg):
+        scores, _, group_credit = loop.group_rewards(cfg, rollouts, group, target_model, target_tokenizer, target)
+        taus.update(scores)
+        credit.update(group_credit)
+    return taus, credit
+
+
+def select(cfg, rollouts, score, rng, picks, metric, target_model, target_tokenizer, target) -> str:
+    """Per prompt, the best, a random and the worst rollout by `score` (rollouts scored NaN left out), a fresh SFT
+    on each pick set, and its metric appended to `picks`; returns the metric key."""
+    from dpg import loop
+
+    chosen = {k: [] for k in picks}
+    for p in sorted({r.prompt_id for r in rollouts}):
+        ranked = sorted((r for r in rollouts if r.prompt_id == p and score(r) == score(r)), key=score)
+        if len(ranked) >= 2:
+            chosen["best"].append(ranked[-1])
+            chosen["worst"].append(ranked[0])
+            chosen["random"].append(rng.choice(ranked))
+    for k, rows in chosen.items():
+        metrics, _ = loop.evaluate(cfg, rows, target_model, target_tokenizer, target)
+        key = metric or next((m for m in metrics if m not in ("eval_phi", "eval_examples")), "eval_phi")
+        picks[k].append(metrics[key])
+    return key
+
+
+def report(picks: dict, key: str, label: str, over: str) -> None:
+    """The paired differences best − worst and best − random with their standard errors."""
+    n = len(picks["best"])
+    for a, b in (("best", "worst"), ("best", "random")):
+        d = [x - y for x, y in zip(picks[a], picks[b])]
+        se = statistics.stdev(d) / n ** 0.5 if n > 1 else float("nan")
+        print(f"{label}{key}: {a} - {b} = {statistics.mean(d):+.4f} ± {se:.4f} ({over.format(n=n)})")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", help="a dpg config file (YAML/JSON)")
@@ -51,13 +101,10 @@ def main() -> int:
     import torch
 
     from dpg import loop
-    from dpg.generator import load_generator
     from dpg.runconfig import load_config
 
     cfg = load_config(args.config, args.set)
-    g = cfg.generator
-    generator, tokenizer = load_generator(g.source, g.lora_rank, g.lora_alpha, seed=cfg.seed, toy=g.toy)
-    target_model, target_tokenizer, target = loop.load_target(cfg, tokenizer)
+    generator, tokenizer, *target_parts = setup(cfg)
     print(f"{args.config} {' '.join(args.set)}: reward {cfg.rewards.name}, sft {cfg.sft.optimizer} lr {cfg.sft.lr}, "
           f"{cfg.prompts.per_iteration} prompts x {cfg.rollouts.n_rollouts} rollouts, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", flush=True)
@@ -66,28 +113,11 @@ def main() -> int:
     start = time.perf_counter()
     for it in range(args.batches):
         rollouts = loop.sample(cfg, it, generator, tokenizer, "base")
-        taus = {}
-        for group in loop.group_ids(cfg):
-            taus.update(loop.group_rewards(cfg, rollouts, group, target_model, target_tokenizer, target)[0])
-        chosen = {k: [] for k in picks}
-        for p in sorted({r.prompt_id for r in rollouts}):
-            ranked = sorted((r for r in rollouts if r.prompt_id == p and taus[r.example_id] == taus[r.example_id]),
-                            key=lambda r: taus[r.example_id])
-            if len(ranked) >= 2:
-                chosen["best"].append(ranked[-1])
-                chosen["worst"].append(ranked[0])
-                chosen["random"].append(rng.choice(ranked))
-        for k, rows in chosen.items():
-            metrics, _ = loop.evaluate(cfg, rows, target_model, target_tokenizer, target)
-            key = args.metric or next((m for m in metrics if m not in ("eval_phi", "eval_examples")), "eval_phi")
-            picks[k].append(metrics[key])
+        taus, _ = rewards_of(cfg, rollouts, *target_parts)
+        key = select(cfg, rollouts, lambda r: taus[r.example_id], rng, picks, args.metric, *target_parts)
         print(f"batch {it}: " + "  ".join(f"{k} {statistics.mean(v):.4f}" for k, v in picks.items()) +
               f"  ({time.perf_counter() - start:.0f} s)", flush=True)
-    n = len(picks["best"])
-    for a, b in (("best", "worst"), ("best", "random")):
-        d = [x - y for x, y in zip(picks[a], picks[b])]
-        se = statistics.stdev(d) / n ** 0.5 if n > 1 else float("nan")
-        print(f"{key}: {a} - {b} = {statistics.mean(d):+.4f} ± {se:.4f} (standard error over {n} batches)")
+    report(picks, key, "", "standard error over {n} batches")
     return 0
 
 
@@ -98,22 +128,15 @@ def consistency(args) -> int:
     import torch
 
     from dpg import loop
-    from dpg.generator import load_generator
     from dpg.runconfig import load_config
 
     cfg = load_config(args.config, [*args.set, "rewards.credit=token"])
-    g = cfg.generator
-    generator, tokenizer = load_generator(g.source, g.lora_rank, g.lora_alpha, seed=cfg.seed, toy=g.toy)
-    target_model, target_tokenizer, target = loop.load_target(cfg, tokenizer)
+    generator, tokenizer, *target_parts = setup(cfg)
     halves = [defaultdict(list), defaultdict(list)]
     held_out = []
     for it in range(args.batches):
         rollouts = loop.sample(cfg, it, generator, tokenizer, "base")
-        taus, credit = {}, {}
-        for group in loop.group_ids(cfg):
-            scores, _, group_credit = loop.group_rewards(cfg, rollouts, group, target_model, target_tokenizer, target)
-            taus.update(scores)
-            credit.update(group_credit)
+        taus, credit = rewards_of(cfg, rollouts, *target_parts)
         scale = statistics.pstdev([t for t in taus.values() if math.isfinite(t)]) or 1.0
         for r in rollouts:
             for token, c in zip(r.token_ids, credit.get(r.example_id, [])):
@@ -130,22 +153,9 @@ def consistency(args) -> int:
     rng = random.Random(cfg.seed)
     picks = {"best": [], "random": [], "worst": []}
     for rollouts in held_out:
-        chosen = {k: [] for k in picks}
-        for p in sorted({r.prompt_id for r in rollouts}):
-            ranked = sorted((r for r in rollouts if r.prompt_id == p),
-                            key=lambda r: sum(value.get(t, 0.0) for t in r.token_ids))
-            chosen["best"].append(ranked[-1])
-            chosen["worst"].append(ranked[0])
-            chosen["random"].append(rng.choice(ranked))
-        for k, rows in chosen.items():
-            metrics, _ = loop.evaluate(cfg, rows, target_model, target_tokenizer, target)
-            key = args.metric or next((m for m in metrics if m not in ("eval_phi", "eval_examples")), "eval_phi")
-            picks[k].append(metrics[key])
-    n = len(picks["best"])
-    for a, b in (("best", "worst"), ("best", "random")):
-        d = [x - y for x, y in zip(picks[a], picks[b])]
-        se = statistics.stdev(d) / n ** 0.5 if n > 1 else float("nan")
-        print(f"learnable ranking, {key}: {a} - {b} = {statistics.mean(d):+.4f} ± {se:.4f} (over {n} held-out batches)")
+        key = select(cfg, rollouts, lambda r: sum(value.get(t, 0.0) for t in r.token_ids), rng, picks, args.metric,
+                     *target_parts)
+    report(picks, key, "learnable ranking, ", "over {n} held-out batches")
     return 0
 
 
