@@ -15,7 +15,6 @@ tau NaN, advantage 0, `empty` in the audit table), and a flat batch (no reward s
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import random
@@ -28,7 +27,7 @@ from dpg.advantages import group_advantages
 from dpg.credit import generator_credit, reward_to_go, token_advantages
 from dpg.errors import DPGError
 from dpg.generator import is_empty, sample_rollouts, to_target_examples
-from dpg.models import load_causal_lm, seeded
+from dpg.models import load_causal_lm, seeded, stage_seed
 from dpg.policy import policy_update
 from dpg.prompts import DEFAULT_TEMPLATE, build_prompts, load_texts
 from dpg.records import Reward, Rollout, SFTRun
@@ -41,15 +40,14 @@ from dpg.textmetrics import text_metrics
 log = logging.getLogger(__name__)
 
 
-def stage_seed(seed: int, outer_iteration: int, stage: str) -> int:
-    """The seed of one stage of one outer iteration: sha256(seed : outer_iteration : stage), < 2**63."""
-    digest = hashlib.sha256(f"{seed}:{outer_iteration}:{stage}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+def corpus(cfg: DPGConfig) -> list[tuple[str, str]]:
+    """(source_id, text) pairs of the prompt corpus (prompts.source, else the default corpus)."""
+    return load_texts(cfg.prompts.source, cfg.prompts.text_column) if cfg.prompts.source else load_texts()
 
 
 def select_prompts(cfg: DPGConfig, outer_iteration: int, tokenizer) -> list[tuple[str, str]]:
     """This iteration's prompts: the corpus shuffled once by `cfg.seed`, then consecutive slices of it."""
-    texts = load_texts(cfg.prompts.source, cfg.prompts.text_column) if cfg.prompts.source else load_texts()
+    texts = corpus(cfg)
     order = list(range(len(texts)))
     random.Random(cfg.seed).shuffle(order)
     k = cfg.prompts.per_iteration
@@ -108,8 +106,7 @@ def load_target(cfg: DPGConfig, generator_tokenizer) -> tuple[nn.Module, Any, An
             model, tokenizer = small_llama(len(generator_tokenizer), t.tiny_hidden, t.tiny_layers, cfg.seed), \
                 generator_tokenizer
             if t.tiny_pretrain_steps:
-                texts = load_texts(cfg.prompts.source, cfg.prompts.text_column) if cfg.prompts.source else load_texts()
-                pretrain(model, tokenizer, [text for _, text in texts], t.tiny_pretrain_steps, cfg.seed)
+                pretrain(model, tokenizer, [text for _, text in corpus(cfg)], t.tiny_pretrain_steps, cfg.seed)
         else:
             model, tokenizer = load_causal_lm(t.model)
         return model, tokenizer, get_target(t.spec, model, tokenizer, **t.options)

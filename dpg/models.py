@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -28,6 +29,12 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)
         yield
+
+
+def stage_seed(seed: int, outer_iteration: int, stage: str) -> int:
+    """The seed of one stage of one outer iteration: sha256(seed : outer_iteration : stage), < 2**63."""
+    digest = hashlib.sha256(f"{seed}:{outer_iteration}:{stage}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def smollm2_gguf() -> Path:

