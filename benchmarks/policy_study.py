@@ -3,42 +3,82 @@
 Runs `--iterations` outer iterations of a config exactly as the pipeline's stages do (dpg.loop: sample,
 group rewards, advantages, GRPO update, evaluation), for each `--seeds` seed, and appends one JSON line
 per iteration to OUT (metrics of the evaluation, reward and policy statistics, mean completion length).
-With `--set rewards.credit=token` it uses per-token metagradients (dpg.credit).
+With `--set rewards.credit=token-own` it uses per-token metagradients (dpg.credit).
 
     .venv/bin/python benchmarks/policy_study.py experiments/pattern-67.yaml --seeds 0 1 2 --out /tmp/s.jsonl \
-        --set rewards.credit=token
+        --set rewards.name=random --set rewards.credit=sequence
+
+`--oracle N` asks whether the *policy step* can climb a reward that is known to be learnable. Each token id
+gets a fixed value: its mean per-token credit (rewards.credit=token-own, in units of each batch's tau std)
+over N batches of the initial generator, standardised over token ids. The run then replaces the reward by
+these values: every completion token's advantage is its token's value. The column `token_value` is the
+mean value of the sampled tokens. If it stays flat, the generator cannot follow even a noise-free signal,
+and the fault lies in the update (step size, adapters), not in the reward.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from reward_signal import rewards_of, setup  # noqa: E402
 
 
-def run(cfg, iterations: int, label: str, out) -> None:
+def token_values(cfg, batches: int, generator, tokenizer, *target_parts) -> dict[int, float]:
+    """Token id -> standardised mean per-token credit over `batches` batches of `generator` (ids it never wrote:
+    absent). The batches use outer iterations 10**6, 10**6 + 1, ... so their prompts and samples are not the run's."""
+    from dataclasses import replace
+
     from dpg import loop
-    from dpg.generator import load_generator
+
+    credit_cfg = replace(cfg, rewards=replace(cfg.rewards, name="dpg", credit="token-own"))
+    seen = defaultdict(list)
+    for it in range(batches):
+        rollouts = loop.sample(credit_cfg, 10 ** 6 + it, generator, tokenizer, "base")
+        taus, credit = rewards_of(credit_cfg, rollouts, *target_parts)
+        scale = statistics.pstdev([t for t in taus.values() if math.isfinite(t)]) or 1.0
+        for r in rollouts:
+            for token, c in zip(r.token_ids, credit.get(r.example_id, [])):
+                seen[token].append(c / scale)
+    means = {k: statistics.mean(v) for k, v in seen.items()}
+    mu, sd = statistics.mean(means.values()), statistics.pstdev(means.values()) or 1.0
+    return {k: (v - mu) / sd for k, v in means.items()}
+
+
+def oracle_rewards(rollouts, value: dict[int, float]) -> list:
+    from dpg.records import Reward
+
+    return [Reward(r.example_id, r.outer_iteration, r.group_id, "oracle", 0.0, 1.0, 0.0,
+                   token_advantages=[value.get(t, 0.0) for t in r.token_ids]) for r in rollouts]
+
+
+def run(cfg, iterations: int, label: str, out, oracle: int = 0) -> None:
+    from dpg import loop
     from dpg.policy import policy_optimizer
 
-    g = cfg.generator
-    generator, tokenizer = load_generator(g.source, g.lora_rank, g.lora_alpha, seed=cfg.seed, toy=g.toy)
+    generator, tokenizer, *target_parts = setup(cfg)
     optimizer = policy_optimizer(generator, cfg.policy)
-    target_model, target_tokenizer, target = loop.load_target(cfg, tokenizer)
+    value = token_values(cfg, oracle, generator, tokenizer, *target_parts) if oracle else None
     start = time.perf_counter()
     for it in range(iterations):
         rollouts = loop.sample(cfg, it, generator, tokenizer, f"v{it}")
-        metrics, _ = loop.evaluate(cfg, rollouts, target_model, target_tokenizer, target)
-        taus, credit = {}, {}
-        for group in loop.group_ids(cfg):
-            scores, _, group_credit = loop.group_rewards(cfg, rollouts, group, target_model, target_tokenizer, target)
-            taus.update(scores)
-            credit.update(group_credit)
-        rewards = loop.advantages(cfg, rollouts, taus, credit)
+        metrics, _ = loop.evaluate(cfg, rollouts, *target_parts)
+        if value is None:
+            taus, credit = rewards_of(cfg, rollouts, *target_parts)
+            rewards = loop.advantages(cfg, rollouts, taus, credit)
+        else:
+            rewards = oracle_rewards(rollouts, value)
+            tokens = [t for r in rollouts for t in r.token_ids]
+            metrics["token_value"] = sum(value.get(t, 0.0) for t in tokens) / max(len(tokens), 1)
         stats = loop.update(cfg, generator, optimizer, rollouts, rewards)
         row = {"label": label, "seed": cfg.seed, "iteration": it, **metrics,
                **{f"policy_{k}": v for k, v in stats.items()},
@@ -56,6 +96,8 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--iterations", type=int, default=40)
+    parser.add_argument("--oracle", type=int, default=0, metavar="N",
+                        help="reward each token by its value from N batches of the initial generator")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -64,7 +106,7 @@ def main() -> int:
     with open(args.out, "a") as out:
         for seed in args.seeds:
             cfg = load_config(args.config, [*args.set, f"seed={seed}"])
-            run(cfg, args.iterations, args.label or " ".join(args.set), out)
+            run(cfg, args.iterations, args.label or " ".join(args.set) or "config", out, args.oracle)
     return 0
 
 

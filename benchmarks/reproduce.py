@@ -53,9 +53,12 @@ UUID_GOAL = "6f1c2a9e-4b7d-4e21-9c3a-8d5f0b7e1a42"  # the UUID of experiments/uu
 
 # demo -> its config file, the human metrics (True: higher is better), chance levels, whether the eval stage
 # stores an LM-head patch, and the reward methods with their config overrides (the whole grid at a glance).
-# dpg with sequence and with token credit, and the baselines every demo runs: naive and the no-information control.
-CONTROLS = {"dpg": {"rewards.name": "dpg"}, "dpg-token": {"rewards.name": "dpg", "rewards.credit": "token"},
-            "naive": {"rewards.name": "naive"}, "random": {"rewards.name": "random"}}
+# dpg as the demo's config has it, with sequence and with token (reward-to-go) credit, and the baselines every demo
+# runs: naive and the no-information control (these give rewards per rollout, hence sequence credit).
+CONTROLS = {"dpg": {"rewards.name": "dpg"}, "dpg-sequence": {"rewards.name": "dpg", "rewards.credit": "sequence"},
+            "dpg-token": {"rewards.name": "dpg", "rewards.credit": "token"},
+            "naive": {"rewards.name": "naive", "rewards.credit": "sequence"},
+            "random": {"rewards.name": "random", "rewards.credit": "sequence"}}
 DEMOS = {
     "67": {"config": "experiments/pattern-67.yaml", "metrics": {"eval_pixel_accuracy": True},
            "chance": {"eval_pixel_accuracy": 0.5}, "patch": True,
@@ -67,11 +70,14 @@ DEMOS = {
            "methods": CONTROLS},
     "language": {"config": "experiments/language.yaml", "metrics": {"text_share_fr": True}, "chance": {},
                  "patch": False,
-                 "methods": CONTROLS | {"langid": {"rewards.name": "langid", "rewards.goal": "fr"},
-                                        "embedding": {"rewards.name": "embedding", "rewards.goal": FRENCH_GOAL}}},
+                 "methods": CONTROLS | {"langid": {"rewards.name": "langid", "rewards.goal": "fr",
+                                                   "rewards.credit": "sequence"},
+                                        "embedding": {"rewards.name": "embedding", "rewards.goal": FRENCH_GOAL,
+                                                      "rewards.credit": "sequence"}}},
     "uuid": {"config": "experiments/uuid.yaml", "metrics": {"text_share_contains": True, "text_edit_distance": False},
              "chance": {}, "patch": False,
-             "methods": CONTROLS | {"levenshtein": {"rewards.name": "levenshtein", "rewards.goal": UUID_GOAL}}},
+             "methods": CONTROLS | {"levenshtein": {"rewards.name": "levenshtein", "rewards.goal": UUID_GOAL,
+                                                            "rewards.credit": "sequence"}}},
 }
 KEYS = ["demo", "method", "seed", "iteration"]
 PREFECT_LOG = re.compile(r"\d\d:\d\d:\d\d\.\d+ \| ")  # "08:34:51.422 | INFO    | prefect - ..."

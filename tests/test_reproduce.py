@@ -46,8 +46,17 @@ def test_registry_has_the_controls_in_every_demo_and_a_direction_for_every_metri
         assert entry["metrics"] and all(isinstance(h, bool) for h in entry["metrics"].values()), demo
         assert set(entry["chance"]) <= set(entry["metrics"]), demo
     assert reproduce.DEMOS["uuid"]["methods"]["levenshtein"]["rewards.goal"] == reproduce.UUID_GOAL
-    assert reproduce.DEMOS["language"]["methods"]["langid"] == {"rewards.name": "langid", "rewards.goal": "fr"}
+    assert reproduce.DEMOS["language"]["methods"]["langid"]["rewards.goal"] == "fr"
     assert reproduce.DEMOS["l2"]["metrics"] == {"eval_l2_norm": False}
+
+
+def test_every_cell_of_the_grid_is_a_valid_config(tmp_path):
+    # e.g. a demo whose dpg uses token credit: its per-rollout controls must switch back to sequence credit
+    for demo, entry in reproduce.DEMOS.items():
+        for method, sets in entry["methods"].items():
+            cfg = load_config(str(reproduce.ROOT / entry["config"]),
+                              reproduce.cell_overrides(demo, method, 1, 2, tmp_path))
+            assert cfg.rewards.name == sets["rewards.name"] and cfg.seed == 1, (demo, method)
 
 
 def test_verdict_separates_only_beyond_twice_the_larger_spread():
@@ -80,4 +89,4 @@ def test_final_iteration_is_the_last_one_every_cell_reached():
 def test_script_help_runs():
     result = subprocess.run([sys.executable, str(PATH), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--report-only" in result.stdout
-    assert "uuid: dpg, dpg-token, naive, random" in result.stdout
+    assert "uuid: dpg, dpg-sequence, dpg-token, naive, random, levenshtein" in result.stdout
