@@ -17,7 +17,8 @@ Outputs, rebuilt from the store after the grid (or alone with `--report-only`):
   otherwise "not separated". Two less noisy columns follow: the mean over the last quarter of the iterations, and
   DPG − method over that quarter paired by seed (mean ± std of the per-seed differences). The final iteration is
   the last one that every cell of the demo reached.
-- `<out>/<demo>.png`: each human metric against the outer iteration, per method the mean over seeds and a ±std band,
+- `<out>/<demo>.png`: each human metric against the outer iteration, per method the mean over seeds and a ±std band
+  (of each seed's moving average over 1/12 of the iterations, centred: one eval SFT per iteration is noisy),
   a dotted chance line where one exists; for pattern demos `<out>/<demo>-patch.png`: sign(Δ) of the LM-head patch
   after the final iteration's eval SFT, of the best dpg seed, next to the goal image.
 
@@ -347,9 +348,13 @@ def plot_demo(frame, demo: str, out: Path) -> None:
     if not metrics:
         return
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
+    window = max(1, (int(frame["iteration"].max()) + 1) // 12)  # each eval is one SFT run: noisy per iteration
     for ax, metric in zip(axes[0], metrics):
         for method, part in frame.groupby("method", sort=False):
-            stats = part.groupby("iteration")[metric].agg(["mean", "std", "count"])
+            part = part.sort_values(["seed", "iteration"])
+            smooth = part.groupby("seed")[metric].transform(
+                lambda x: x.rolling(window, min_periods=1, center=True).mean())
+            stats = smooth.groupby(part["iteration"]).agg(["mean", "std", "count"])
             line, = ax.plot(stats.index, stats["mean"], marker="o" if len(stats) <= 20 else None, markersize=3,
                             label=f"{method} (n={int(stats['count'].max())})")
             std = stats["std"].fillna(0)
@@ -360,7 +365,8 @@ def plot_demo(frame, demo: str, out: Path) -> None:
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel(f"{metric} ({'higher' if DEMOS[demo]['metrics'][metric] else 'lower'} is better)")
         ax.legend()
-    fig.suptitle(f"demo {demo}: mean ± std over seeds")
+    smoothed = f" of a {window}-iteration moving average" if window > 1 else ""
+    fig.suptitle(f"demo {demo}: mean ± std over seeds{smoothed}")
     fig.tight_layout()
     fig.savefig(out / f"{demo}.png", dpi=100)
     plt.close(fig)
