@@ -14,9 +14,10 @@ Outputs, rebuilt from the store after the grid (or alone with `--report-only`):
   iteration, mean ± sample std over seeds, the per-seed final values, and DPG − method at the final iteration with a
   verdict: "DPG ahead by > 2x spread" when DPG's advantage (in the metric's better direction) exceeds twice the
   spread, the larger of the two methods' sample std over seeds; "method ahead by > 2x spread" the other way round;
-  otherwise "not separated". Two less noisy columns follow: the mean over the last quarter of the iterations, and
-  DPG − method over that quarter paired by seed (mean ± std of the per-seed differences). The final iteration is
-  the last one that every cell of the demo reached.
+  otherwise "not separated". Less noisy columns follow: the mean over the last quarter of the iterations,
+  DPG − method over that quarter paired by seed (mean ± std of the per-seed differences), and its verdict (the
+  mean against twice the std of those differences). The final iteration is the last one that every cell of the
+  demo reached.
 - `<out>/<demo>.png`: each human metric against the outer iteration, per method the mean over seeds and a ±std band
   (of each seed's moving average over 1/12 of the iterations, centred: one eval SFT per iteration is noisy),
   a dotted chance line where one exists; for pattern demos `<out>/<demo>-patch.png`: sign(Δ) of the LM-head patch
@@ -255,6 +256,21 @@ def verdict(dpg_values, other_values, higher_is_better: bool) -> tuple[float, st
     return diff, "not separated"
 
 
+def paired_verdict(differences, higher_is_better: bool) -> str:
+    """The verdict of DPG − method paired by seed: its mean against twice the std of the per-seed differences."""
+    import numpy as np
+
+    d = np.asarray(list(differences), dtype=float)
+    if len(d) < 2:
+        return "not separated (fewer than 2 seeds)"
+    advantage, spread = float(d.mean()) * (1 if higher_is_better else -1), float(d.std(ddof=1))
+    if advantage > 2 * spread:
+        return "DPG ahead by > 2x spread"
+    if -advantage > 2 * spread:
+        return "method ahead by > 2x spread"
+    return "not separated"
+
+
 def mean_std(values) -> str:
     values = list(values)
     if not values:
@@ -291,7 +307,8 @@ def method_table(frame, metric: str, higher_is_better: bool, final: int) -> list
         quarter = last_quarter(frame, metric, method, final)
         paired = [dpg_quarter[k] - v for k, v in quarter.items() if k in dpg_quarter]
         row |= {"last quarter": mean_std(quarter.values()),
-                "paired DPG − method, last quarter": mean_std(paired) if method != "dpg" and paired else ""}
+                "paired DPG − method, last quarter": mean_std(paired) if method != "dpg" and paired else "",
+                "paired verdict": paired_verdict(paired, higher_is_better) if method != "dpg" and paired else ""}
         rows.append(row)
     return rows
 

@@ -78,6 +78,15 @@ def test_verdict_respects_lower_is_better():
     assert reproduce.verdict([1.0], [2.0], False) == (-1.0, "not separated (fewer than 2 seeds)")
 
 
+def test_paired_verdict_uses_the_spread_of_the_per_seed_differences():
+    # unpaired, 0.6/0.7/0.8 against 0.5/0.6/0.7 is not separated (spread 0.1); paired, every seed is +0.1 ± ~0
+    assert reproduce.verdict([0.6, 0.7, 0.8], [0.5, 0.6, 0.7], True)[1] == "not separated"
+    assert reproduce.paired_verdict([0.1, 0.11, 0.09], True) == "DPG ahead by > 2x spread"
+    assert reproduce.paired_verdict([0.1, 0.11, 0.09], False) == "method ahead by > 2x spread"
+    assert reproduce.paired_verdict([0.1, -0.1, 0.05], True) == "not separated"
+    assert reproduce.paired_verdict([0.1], True) == "not separated (fewer than 2 seeds)"
+
+
 def test_final_iteration_is_the_last_one_every_cell_reached():
     frame = grid({"dpg": [0.6, 0.7], "naive": [0.5, 0.5]})
     assert reproduce.final_iteration(frame) == 1
