@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reward_signal import rewards_of, setup  # noqa: E402
+from reward_signal import rewards_of, setup, token_credit  # noqa: E402
 
 
 def token_values(cfg, batches: int, generator, tokenizer, *target_parts) -> dict[int, float]:
@@ -44,11 +43,8 @@ def token_values(cfg, batches: int, generator, tokenizer, *target_parts) -> dict
     seen = defaultdict(list)
     for it in range(batches):
         rollouts = loop.sample(credit_cfg, 10 ** 6 + it, generator, tokenizer, "base")
-        taus, credit = rewards_of(credit_cfg, rollouts, *target_parts)
-        scale = statistics.pstdev([t for t in taus.values() if math.isfinite(t)]) or 1.0
-        for r in rollouts:
-            for token, c in zip(r.token_ids, credit.get(r.example_id, [])):
-                seen[token].append(c / scale)
+        for token, c in token_credit(credit_cfg, rollouts, *target_parts):
+            seen[token].append(c)
     means = {k: statistics.mean(v) for k, v in seen.items()}
     mu, sd = statistics.mean(means.values()), statistics.pstdev(means.values()) or 1.0
     return {k: (v - mu) / sd for k, v in means.items()}

@@ -247,13 +247,16 @@ def verdict(dpg_values, other_values, higher_is_better: bool) -> tuple[float, st
     diff = float(a.mean() - b.mean())
     if len(a) < 2 or len(b) < 2:
         return diff, "not separated (fewer than 2 seeds)"
-    spread = max(float(a.std(ddof=1)), float(b.std(ddof=1)))
-    advantage = diff if higher_is_better else -diff
+    return diff, separation(diff if higher_is_better else -diff, max(float(a.std(ddof=1)), float(b.std(ddof=1))))
+
+
+def separation(advantage: float, spread: float) -> str:
+    """DPG's advantage (in the metric's better direction) against twice the spread."""
     if advantage > 2 * spread:
-        return diff, "DPG ahead by > 2x spread"
+        return "DPG ahead by > 2x spread"
     if -advantage > 2 * spread:
-        return diff, "method ahead by > 2x spread"
-    return diff, "not separated"
+        return "method ahead by > 2x spread"
+    return "not separated"
 
 
 def paired_verdict(differences, higher_is_better: bool) -> str:
@@ -263,12 +266,7 @@ def paired_verdict(differences, higher_is_better: bool) -> str:
     d = np.asarray(list(differences), dtype=float)
     if len(d) < 2:
         return "not separated (fewer than 2 seeds)"
-    advantage, spread = float(d.mean()) * (1 if higher_is_better else -1), float(d.std(ddof=1))
-    if advantage > 2 * spread:
-        return "DPG ahead by > 2x spread"
-    if -advantage > 2 * spread:
-        return "method ahead by > 2x spread"
-    return "not separated"
+    return separation(float(d.mean()) * (1 if higher_is_better else -1), float(d.std(ddof=1)))
 
 
 def mean_std(values) -> str:

@@ -28,6 +28,7 @@ could get at best.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import statistics
 import sys
@@ -57,6 +58,13 @@ def rewards_of(cfg, rollouts, target_model, target_tokenizer, target) -> tuple[d
         taus.update(scores)
         credit.update(group_credit)
     return taus, credit
+
+
+def token_credit(cfg, rollouts, *target_parts) -> list[tuple[int, float]]:
+    """(token id, credit in units of the batch's tau std) for every completion token of one batch (token credit)."""
+    taus, credit = rewards_of(cfg, rollouts, *target_parts)
+    scale = statistics.pstdev([t for t in taus.values() if math.isfinite(t)]) or 1.0
+    return [(token, c / scale) for r in rollouts for token, c in zip(r.token_ids, credit.get(r.example_id, []))]
 
 
 def select(cfg, rollouts, score, rng, picks, metric, target_model, target_tokenizer, target) -> str:
@@ -122,7 +130,6 @@ def main() -> int:
 
 
 def consistency(args) -> int:
-    import math
     from collections import defaultdict
 
     import torch
@@ -136,11 +143,8 @@ def consistency(args) -> int:
     held_out = []
     for it in range(args.batches):
         rollouts = loop.sample(cfg, it, generator, tokenizer, "base")
-        taus, credit = rewards_of(cfg, rollouts, *target_parts)
-        scale = statistics.pstdev([t for t in taus.values() if math.isfinite(t)]) or 1.0
-        for r in rollouts:
-            for token, c in zip(r.token_ids, credit.get(r.example_id, [])):
-                halves[it % 2][token].append(c / scale)
+        for token, c in token_credit(cfg, rollouts, *target_parts):
+            halves[it % 2][token].append(c)
         if it % 2:
             held_out.append(rollouts)
     even, odd = halves
