@@ -9,7 +9,9 @@
   (case-sensitive); and `text_edit_distance`: the mean over texts of
   `min over substrings u of the text of Levenshtein(<string>, u)`, the character edit distance from
   <string> to its best match anywhere in the text (0 for an exact occurrence, len(<string>) for an empty
-  text, since the empty substring is always there).
+  text, since the empty substring is always there). Whitespace is removed from both first: a word-level
+  tokenizer such as dpg's toy decodes `6f1c2a9e-4b7d` as `6f1c2a9e - 4b7d`, and how a tokenizer spaces its
+  tokens should not decide whether a UUID was written.
 - `length` -> `text_mean_words`: the mean number of whitespace-separated words (`str.split()`); and
   `text_empty_share`: the share of texts with no word (empty or whitespace only).
 
@@ -65,9 +67,13 @@ def language_share(texts: list[str], code: str) -> float:
     return sum(hits) / len(texts)
 
 
+def _squeezed(text: str) -> str:
+    return "".join(text.split())
+
+
 def contains_share(texts: list[str], string: str) -> float:
-    """Share of texts containing `string` exactly (case-sensitive substring)."""
-    return sum(string in t for t in texts) / len(texts)
+    """Share of texts containing `string` exactly (case-sensitive substring), whitespace removed from both."""
+    return sum(_squeezed(string) in _squeezed(t) for t in texts) / len(texts)
 
 
 def substring_distance(string: str, text: str) -> int:
@@ -94,8 +100,8 @@ def substring_distance(string: str, text: str) -> int:
 
 
 def mean_edit_distance(texts: list[str], string: str) -> float:
-    """Mean over texts of `substring_distance(string, text)`."""
-    return sum(substring_distance(string, t) for t in texts) / len(texts)
+    """Mean over texts of `substring_distance(string, text)`, whitespace removed from both."""
+    return sum(substring_distance(_squeezed(string), _squeezed(t)) for t in texts) / len(texts)
 
 
 def mean_words(texts: list[str]) -> float:

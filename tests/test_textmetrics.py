@@ -39,6 +39,12 @@ def test_contains_share_and_edit_distance_exact_values():
     assert m["text_edit_distance"] == pytest.approx((0 + 1 + len(UUID) + sellers(UUID, texts[3])) / 4)
 
 
+def test_contains_ignores_whitespace_as_a_word_tokenizer_decodes_it():
+    spaced = "id " + " - ".join(UUID.split("-")) + " ."  # how the toy's word tokenizer decodes the UUID
+    m = text_metrics([spaced, UUID[:8] + " " + UUID[9:]], [f"contains:{UUID}"])
+    assert m == {"text_share_contains": 0.5, "text_edit_distance": 0.5}  # the second lost one '-'
+
+
 def test_substring_distance_matches_dynamic_programming():
     rng = random.Random(0)
     for _ in range(200):
