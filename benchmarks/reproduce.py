@@ -1,6 +1,6 @@
 """The demo x reward method x seed grid: one dpg run per cell, then a CSV, a Markdown summary and plots.
 
-Each cell (demo, method, seed) is `python -m dpg.cli run <demo config> --set ...` with the seed in `seed`,
+Each cell (demo, method, seed) is `python -m flows.cli run <demo config> --set ...` with the seed in `seed`,
 `rollouts.seed` and `policy.seed`, `outer_iterations=--iterations`, `storage.url=<out>/runs`, the method's
 overrides from `DEMOS`, then every `--set`. Cells run one after another. dpg runs resume (every finished stage
 is skipped), so a killed grid continues where it stopped when the same command runs again, and a cell whose run
@@ -100,8 +100,8 @@ def cell_overrides(demo: str, method: str, seed: int, iterations: int, out: Path
 
 
 def cell_command(config_file: str, overrides: list[str]) -> list[str]:
-    """[python, -m, dpg.cli, run, FILE, --set, KEY=VALUE, ...]."""
-    return [sys.executable, "-m", "dpg.cli", "run", config_file, *[a for o in overrides for a in ("--set", o)]]
+    """[python, -m, flows.cli, run, FILE, --set, KEY=VALUE, ...]."""
+    return [sys.executable, "-m", "flows.cli", "run", config_file, *[a for o in overrides for a in ("--set", o)]]
 
 
 def cell_config(config_file: str, overrides: list[str]):

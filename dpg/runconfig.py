@@ -155,12 +155,32 @@ class StorageConfig:
     url: str = "runs"
     """A local folder or s3://bucket/prefix."""
     storage_options: dict[str, Any] = field(default_factory=dict)
-    """fsspec options (e.g. {"client_kwargs": {"endpoint_url": ...}}); never part of the run's identity."""
+    """fsspec options (e.g. {"client_kwargs": {"endpoint_url": ...}}); never part of the run's identity. No
+    credentials: they would be written to the run's config.json and to Prefect's flow-run parameters, so
+    they come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ...)."""
 
     def __post_init__(self) -> None:
         _require(_text(self.url), "url", self.url, "use a local folder or s3://bucket/prefix", prefix="storage")
         _require(isinstance(self.storage_options, dict), "storage_options", self.storage_options,
                  'use a mapping, e.g. {client_kwargs: {endpoint_url: "http://..."}}', prefix="storage")
+        if secret := _credential_key(self.storage_options):
+            raise DPGError(f"storage.storage_options.{secret} is a credential, and the options are written to the "
+                           "run's config.json and to Prefect's flow-run parameters; leave it out and set it in the "
+                           "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN or AWS_PROFILE)")
+
+
+CREDENTIAL_KEYS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
+                   "aws_session_token", "session_token", "access_key", "secret_key"}
+
+
+def _credential_key(options: Any, prefix: str = "") -> str | None:
+    """The dotted key of the first credential in nested fsspec options, or None."""
+    for k, v in (options.items() if isinstance(options, dict) else ()):
+        if str(k).lower() in CREDENTIAL_KEYS:
+            return prefix + str(k)
+        if found := _credential_key(v, f"{prefix}{k}."):
+            return found
+    return None
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,13 @@ from prefect import flow, runtime
 
 from dpg.runconfig import DPGConfig
 from flows.deployments import run_sft_groups, run_update_generator
+from tasks.lock import run_lock
 from tasks.stages import (
     completed_iterations,
     compute_advantages,
     evaluate_target,
     prepare_run,
+    run_url,
     sample_rollouts,
 )
 from tasks.tracking import finish_tracking, log_iteration, start_tracking
@@ -35,18 +37,22 @@ def outer_iteration(cfg: DPGConfig, it: int, mlflow_run_id: str) -> str:
 
 
 @flow(name="dpg-optimization", flow_run_name="{cfg.name}")
-def optimize(cfg: DPGConfig) -> str:
-    """Run (or continue) the optimization described by `cfg`; returns the last generator's stage URL."""
-    prepare_run(cfg)
-    mlflow_run_id = start_tracking(cfg, str(runtime.flow_run.id or ""))
-    generator = ""
-    try:
-        for it in range(cfg.outer_iterations):
-            generator = outer_iteration(cfg, it, mlflow_run_id)
-    except BaseException:
-        finish_tracking(cfg, mlflow_run_id, "FAILED")
-        raise
-    finish_tracking(cfg, mlflow_run_id)
+def optimize(cfg: DPGConfig, force: bool = False) -> str:
+    """Run (or continue) the optimization described by `cfg`; returns the last generator's stage URL.
+
+    One writer per run (tasks.lock): `force` takes over the lock of a writer that died (e.g. killed with -9).
+    """
+    with run_lock(run_url(cfg), cfg.storage.storage_options, force):
+        prepare_run(cfg)
+        mlflow_run_id = start_tracking(cfg, str(runtime.flow_run.id or ""))
+        generator = ""
+        try:
+            for it in range(cfg.outer_iterations):
+                generator = outer_iteration(cfg, it, mlflow_run_id)
+        except BaseException:
+            finish_tracking(cfg, mlflow_run_id, "FAILED")
+            raise
+        finish_tracking(cfg, mlflow_run_id)
     return generator
 
 

@@ -5,6 +5,12 @@ Idempotent by construction: a task whose stage already has a verified manifest r
 recomputing, so a retried task, `prefect flow-run retry`, `dpg resume` or a rerun of the same config all
 continue from the first incomplete stage. The manifests are the cache (PITFALLS: Prefect's default cache
 only lives within one flow run), so the tasks use `NO_CACHE`. Only storage-bound work gets retries.
+
+Lineage: every manifest's meta holds `inputs`, what the stage was computed from (the config identity and the
+content digest of each upstream stage, `upstream`), and `code` (dpg's version and git commit, recorded for
+audit, not compared: upgrading dpg mid-run does not recompute finished work). A stage whose recorded inputs
+differ from its upstream stages' current content counts as not done, so a recomputed stage that produced new
+data is followed by everything computed from it; one that reproduced the same bytes is not.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import copy
 import functools
 import io as stdio
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -41,8 +48,88 @@ def stage_url(cfg: DPGConfig, it: int, name: str) -> str:
     return io.join(run_url(cfg), f"iter-{it:04d}", name)
 
 
+def stage_names(cfg: DPGConfig) -> list[str]:
+    """The stages of one outer iteration, in the order they run."""
+    return ["rollouts", *(f"sft-g{g}" for g in loop.group_ids(cfg)), "rewards", "generator", "eval", "report"]
+
+
+def stage_of(cfg: DPGConfig, url: str) -> tuple[int, str]:
+    """(iteration, stage name) of a stage URL of this run."""
+    folder, name = url.rstrip("/").split("/")[-2:]
+    if not folder.startswith("iter-") or stage_url(cfg, int(folder[5:]), name) != url:
+        raise DPGError(f"{url} is not a stage of run {cfg.run_id} at {run_url(cfg)}")
+    return int(folder[5:]), name
+
+
+def upstream(cfg: DPGConfig, it: int, name: str) -> list[tuple[int, str]]:
+    """The stages (iteration, name) whose records stage `name` of iteration `it` is computed from."""
+    before = [(it - 1, "generator")] if it > 0 else []
+    if name == "rollouts":
+        return before
+    if name.startswith("sft-g") or name == "eval":
+        return [(it, "rollouts")]
+    if name == "rewards":  # the previous rewards: flat batches in a row
+        return [(it, "rollouts"), *((it, f"sft-g{g}") for g in loop.group_ids(cfg)),
+                *([(it - 1, "rewards")] if it > 0 else [])]
+    if name == "generator":
+        return [(it, "rollouts"), (it, "rewards"), *before]
+    if name == "report":
+        return [(it, "rewards"), (it, "generator"), (it, "eval")]
+    raise DPGError(f"unknown stage {name!r}")
+
+
+def content_digest(manifest: dict) -> str:
+    """Digest of a stage's content (its files' digests), independent of when and how fast it was written."""
+    return io.digest(json.dumps({k: v["sha256"] for k, v in manifest["files"].items()}, sort_keys=True).encode())[:16]
+
+
+def stage_inputs(cfg: DPGConfig, it: int, name: str) -> dict[str, str]:
+    """{"config": identity hash, "iter-0003/rollouts": content digest, ...} of the stage's current inputs."""
+    inputs = {"config": cfg.hash}
+    for i, n in upstream(cfg, it, name):
+        manifest = io.read_manifest(stage_url(cfg, i, n), cfg.storage.storage_options)
+        inputs[f"iter-{i:04d}/{n}"] = content_digest(manifest) if manifest else "missing"
+    return inputs
+
+
+def stage_state(cfg: DPGConfig, it: int, name: str) -> tuple[dict | None, str]:
+    """(manifest if the stage counts as done, else None; why, in a few words)."""
+    url, options = stage_url(cfg, it, name), cfg.storage.storage_options
+    manifest = io.read_manifest(url, options)
+    if manifest is None:
+        return None, "not written" if not io.exists(io.join(url, io.MANIFEST), options) else "unreadable manifest"
+    if io.verify_stage(url, options) is None:
+        return None, "a file is missing or does not match its digest"
+    recorded = manifest["meta"].get("inputs")
+    if recorded is None:  # written before manifests recorded their inputs
+        return manifest, "done (no lineage recorded)"
+    current = stage_inputs(cfg, it, name)
+    changed = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+    if changed:
+        return None, "inputs changed: " + ", ".join(changed)
+    return manifest, "done"
+
+
 def done(cfg: DPGConfig, url: str) -> dict | None:
-    return io.verify_stage(url, cfg.storage.storage_options)
+    """The stage's manifest if it is complete, verified and computed from the current upstream records."""
+    it, name = stage_of(cfg, url)
+    manifest, why = stage_state(cfg, it, name)
+    if manifest is None and why not in ("not written",):
+        logging.getLogger("dpg.store").warning("%s: %s; recomputing it", url, why)
+    return manifest
+
+
+def lineage(cfg: DPGConfig, it: int, name: str) -> dict:
+    """The meta keys every stage records: its inputs and the code that computed it."""
+    return {"config_hash": cfg.hash, "inputs": stage_inputs(cfg, it, name), "code": code_version()}
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    import dpg
+    from tasks.tracking import git_sha
+
+    return f"dpg {dpg.__version__} git {git_sha()}"
 
 
 @task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
@@ -134,7 +221,8 @@ def sample_rollouts(cfg: DPGConfig, it: int) -> str:
     rollouts = loop.sample(cfg, it, model, tokenizer, version)
     seconds = time.perf_counter() - start
     io.write_stage(url, {"rollouts.parquet": pd.DataFrame(as_rows(rollouts))},
-                   {"config_hash": cfg.hash, "n": len(rollouts), "seconds": seconds}, cfg.storage.storage_options)
+                   {**lineage(cfg, it, "rollouts"), "n": len(rollouts), "seconds": seconds},
+                   cfg.storage.storage_options)
     get_run_logger().info("iteration %d: %d rollouts in %.1f s", it, len(rollouts), seconds)
     return url
 
@@ -156,7 +244,7 @@ def sft_group(cfg: DPGConfig, it: int, rollouts_url: str, group: int) -> str:
     files = {"tau.parquet": frame}
     if run is not None:
         files["sft.json"] = json.dumps(as_rows([run])[0]).encode()
-    io.write_stage(url, files, {"config_hash": cfg.hash, "group": group, "seconds": seconds},
+    io.write_stage(url, files, {**lineage(cfg, it, f"sft-g{group}"), "group": group, "seconds": seconds},
                    cfg.storage.storage_options)
     get_run_logger().info("iteration %d, group %d: %d rewards in %.1f s", it, group, len(taus), seconds)
     return url
@@ -199,7 +287,7 @@ def compute_advantages(cfg: DPGConfig, it: int, rollouts_url: str, group_urls: l
     metrics["flat_batches_in_a_row"] = float(flat_in_a_row(cfg, it - 1) + 1 if metrics["flat_batch"] else 0)
     io.write_stage(url, {"rewards.parquet": pd.DataFrame(as_rows(rewards)), "records.parquet": table,
                          "sft_runs.parquet": pd.DataFrame(as_rows(runs))},
-                   {"config_hash": cfg.hash, "metrics": metrics}, options)
+                   {**lineage(cfg, it, "rewards"), "metrics": metrics}, options)
     if metrics["empty_completions"]:
         get_run_logger().warning("iteration %d: %d empty completion(s) got no reward (tau NaN, advantage 0)", it,
                                  int(metrics["empty_completions"]))
@@ -221,7 +309,7 @@ def evaluate_target(cfg: DPGConfig, it: int, rollouts_url: str) -> str:
         buffer = stdio.BytesIO()
         np.save(buffer, array)
         files[f"{name}.npy"] = buffer.getvalue()
-    io.write_stage(url, files, {"config_hash": cfg.hash, "metrics": metrics}, cfg.storage.storage_options)
+    io.write_stage(url, files, {**lineage(cfg, it, "eval"), "metrics": metrics}, cfg.storage.storage_options)
     return url
 
 
@@ -250,8 +338,8 @@ def update_generator(cfg: DPGConfig, it: int, rollouts_url: str, rewards_url: st
             files = {p.name: p.read_bytes() for p in sorted(state.iterdir())}
         version = io.digest(b"".join(files.values()))[:16]
     seconds = time.perf_counter() - start
-    io.write_stage(url, files, {"config_hash": cfg.hash, "version": version, "stats": stats, "seconds": seconds},
-                   options)
+    io.write_stage(url, files, {**lineage(cfg, it, "generator"), "version": version, "stats": stats,
+                                "seconds": seconds}, options)
     if stats.get("skipped"):
         get_run_logger().warning("iteration %d: a flat batch (no reward spread): the generator update is skipped, "
                                  "the generator stays at version %s", it, version)

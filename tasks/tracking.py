@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from dpg.errors import DPGError
 from dpg.runconfig import DPGConfig
 from tasks import io
-from tasks.stages import run_url, stage_url
+from tasks.stages import done, lineage, run_url, stage_names, stage_url
 
 
 def tracking_uri(cfg: DPGConfig) -> str:
@@ -91,7 +91,7 @@ def log_iteration(cfg: DPGConfig, it: int, mlflow_run_id: str, rewards_url: str,
 
     options = cfg.storage.storage_options
     report = stage_url(cfg, it, "report")
-    if logged := io.verify_stage(report, options):  # logged before this run was interrupted
+    if logged := done(cfg, report):  # logged before this run was interrupted
         return logged["meta"]["metrics"]
     manifest = io.read_manifest(rewards_url, options)
     metrics = dict(manifest["meta"]["metrics"])
@@ -99,7 +99,7 @@ def log_iteration(cfg: DPGConfig, it: int, mlflow_run_id: str, rewards_url: str,
     metrics |= {f"policy_{k}": v for k, v in gen["stats"].items()}
     evaluation = io.read_manifest(eval_url, options)
     metrics |= evaluation["meta"]["metrics"]
-    for stage in ("rollouts", *(f"sft-g{g}" for g in range(cfg.rollouts.n_rollouts)), "generator", "eval"):
+    for stage in stage_names(cfg)[:-1]:
         m = io.read_manifest(stage_url(cfg, it, stage), options)
         if m is not None and "seconds" in m["meta"]:
             metrics[f"seconds_{stage.split('-')[0]}"] = metrics.get(f"seconds_{stage.split('-')[0]}", 0.0) + \
@@ -118,7 +118,8 @@ def log_iteration(cfg: DPGConfig, it: int, mlflow_run_id: str, rewards_url: str,
     _log_phi_plot(cfg, mc, mlflow_run_id)
     if "delta.npy" in evaluation["files"]:
         _log_patch_heatmap(cfg, it, mc, mlflow_run_id, eval_url, evaluation)
-    io.write_stage(report, {"metrics.json": json.dumps(metrics).encode()}, {"metrics": metrics}, options)
+    io.write_stage(report, {"metrics.json": json.dumps(metrics).encode()}, {**lineage(cfg, it, "report"),
+                                                                           "metrics": metrics}, options)
     return metrics
 
 

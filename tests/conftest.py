@@ -50,7 +50,7 @@ def s3_server():
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="dpg-test")
-    yield {"client_kwargs": {"endpoint_url": endpoint}, "key": "testing", "secret": "testing"}
+    yield {"client_kwargs": {"endpoint_url": endpoint}}  # credentials: the environment, as users set them
     server.stop()
 
 

@@ -7,8 +7,8 @@ import torch
 from transformers import LlamaConfig, LlamaModel
 
 import dpg
-from dpg.cli import main
 from dpg.exact import random_data, tiny_model
+from flows.cli import main
 
 
 def cfg(**kw) -> dpg.SFTConfig:

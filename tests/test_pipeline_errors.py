@@ -11,9 +11,9 @@ import pytest
 import test_pipeline
 from test_pipeline import STAGES, tiny_config
 
-from dpg.cli import main
 from dpg.errors import DPGError
 from dpg.runconfig import load_config
+from flows.cli import main
 from tasks import io
 from tasks.stages import run_url, stage_url
 
@@ -127,7 +127,7 @@ def test_wrong_value_type_names_key_value_and_fix(override, message):
 def test_unreachable_s3_endpoint_fails_fast_naming_the_url_and_writes_nothing(
         prefect_harness, no_retry_delay, s3_server, tiny_generator_dir, texts_file, tracking_db, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # anything written by accident (./mlflow.db, folders) would show up here
-    unreachable = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}, "key": "testing", "secret": "testing",
+    unreachable = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
                    "config_kwargs": {"connect_timeout": 1, "read_timeout": 1, "retries": {"max_attempts": 1}}}
     cfg = tiny_config(tiny_generator_dir, texts_file, f"s3://dpg-test/{tmp_path.name}", tracking_db,
                       outer_iterations=1, **{"storage.storage_options": json.dumps(unreachable),

@@ -32,7 +32,7 @@ def test_cell_overrides_carry_the_seed_everywhere_then_the_method_then_extras(tm
     assert f"storage.url={tmp_path / 'runs'}" in overrides and overrides[-1] == "generator.source=/x"
     assert 'rewards.name="embedding"' in overrides
     command = reproduce.cell_command("exp.yaml", overrides)
-    assert command[:5] == [sys.executable, "-m", "dpg.cli", "run", "exp.yaml"]
+    assert command[:5] == [sys.executable, "-m", "flows.cli", "run", "exp.yaml"]
     assert command[5::2] == ["--set"] * len(overrides) and command[6::2] == overrides
     cfg = load_config(None, overrides)  # the values survive dpg's YAML parsing of --set, spaces and accents included
     assert (cfg.seed, cfg.rollouts.seed, cfg.policy.seed, cfg.outer_iterations) == (7, 7, 7, 40)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dpg
-from dpg.cli import DEMO_TEXTS
+from flows.cli import DEMO_TEXTS
 
 pytestmark = pytest.mark.smollm2
 

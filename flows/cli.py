@@ -1,4 +1,6 @@
-"""`dpg` command line. Bad input prints one line (`dpg: error: ...`) and exits 2; nothing is half-written."""
+"""`dpg` command line, the shell around dpg/, tasks/ and flows/ (pyproject's `dpg` script).
+
+Bad input prints one line (`dpg: error: ...`) and exits 2; nothing is half-written."""
 
 from __future__ import annotations
 
@@ -117,77 +119,115 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"dpg run {cfg.run_id}: {cfg.outer_iterations} outer iterations, target {cfg.target.spec} on "
           f"{cfg.target.model}, generator {cfg.generator.source}, rewards {cfg.rewards.name}", file=sys.stderr)
     t0 = time.perf_counter()
-    optimize(cfg)
+    optimize(cfg, force=args.force)
     print_status(cfg)
     print(f"\ndone in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return 0
 
 
-def cmd_resume(args: argparse.Namespace) -> int:
-    """Continue a stored run from its first incomplete stage (its config.json is the config)."""
-    import json
-
-    from dpg.runconfig import NOT_IDENTITY, load_config
-    from tasks import io
-
-    try:
-        data = json.loads(io.read_bytes(io.join(args.run, "config.json")))
-    except FileNotFoundError:
-        raise DPGError(f"{args.run} holds no config.json; give a run folder, e.g. runs/dpg-<hash>") from None
-    for item in args.set or []:
-        key, _, value = item.partition("=")
-        if key.split(".")[0] not in NOT_IDENTITY:
-            raise DPGError(f"--set {key} would change the run's results; only outer_iterations, storage.*, "
-                           "tracking.* and execution.* can change on resume")
-    cfg = load_config(None, args.set or [], base=data)
-    quiet_offline_env()
-    from flows.optimize import optimize
-
-    optimize(cfg)
-    print_status(cfg)
-    return 0
-
-
-def print_status(cfg) -> None:
-    from tasks import io
-    from tasks.stages import run_url, stage_url
-    from tasks.tracking import tracking_uri
-
-    options = cfg.storage.storage_options
-    print(f"\nrun {cfg.run_id}  store {run_url(cfg)}")
-    print(f"{'iter':>4s}  {'stages done':30s} {'Phi after SFT':>13s} {'human metric':>24s} {'reward mean':>12s}")
-    names = ["rollouts", *(f"sft-g{g}" for g in range(cfg.rollouts.n_rollouts)), "rewards", "generator", "eval",
-             "report"]
-    for it in range(cfg.outer_iterations):
-        stages = [n for n in names if io.read_manifest(stage_url(cfg, it, n), options) is not None]
-        m = (io.read_manifest(stage_url(cfg, it, "report"), options) or {}).get("meta", {}).get("metrics", {})
-        human = next(((k[5:], v) for k, v in m.items() if k.startswith("eval_") and k not in
-                      ("eval_phi", "eval_examples")), None)
-        done = "all" if len(stages) == len(names) else ",".join(s.split("-")[0] for s in stages) or "none"
-        print(f"{it:4d}  {len(stages)}/{len(names)} {done[:24]:24s} {m.get('eval_phi', float('nan')):13.6g} "
-              f"{(f'{human[0]}={human[1]:.3g}' if human else ''):>24s} {m.get('reward_mean', float('nan')):12.3e}")
-    last = next((it for it in reversed(range(cfg.outer_iterations))
-                 if io.read_manifest(stage_url(cfg, it, "rewards"), options)), None)
-    if last is not None:
-        entry = io.read_manifest(stage_url(cfg, last, "rewards"), options)["files"]["records.parquet"]
-        print(f"audit table (rollouts + rewards) of iteration {last}: "
-              f"{io.join(stage_url(cfg, last, 'rewards'), entry['file'])}")
-    uri = tracking_uri(cfg)
-    print(f"MLflow: {uri}   open with: mlflow ui --backend-store-uri {uri}")
-    print("Prefect: prefect server start   (then open http://127.0.0.1:4200; runs of this machine's PREFECT_HOME)")
-
-
-def cmd_status(args: argparse.Namespace) -> int:
+def open_run(path: str, storage_options: str | None = None):
+    """The config of the run stored at `path` (a folder or URL, as given), addressing that very folder."""
     import json
 
     from dpg.runconfig import DPGConfig
     from tasks import io
 
     try:
-        cfg = DPGConfig.from_dict(json.loads(io.read_bytes(io.join(args.run, "config.json"))))
+        options = json.loads(storage_options) if storage_options else {}
+    except ValueError as e:
+        raise DPGError(f"--storage-options={storage_options!r} is not JSON ({e}); use e.g. "
+                       '\'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'') from None
+    path = path.rstrip("/")
+    try:
+        data = json.loads(io.read_bytes(io.join(path, "config.json"), options))
     except FileNotFoundError:
-        raise DPGError(f"{args.run} holds no config.json; give a run folder, e.g. runs/dpg-<hash>") from None
+        raise DPGError(f"{path} holds no config.json; give a run folder, e.g. runs/dpg-<hash>") from None
+    except ValueError as e:
+        raise DPGError(f"{path}/config.json does not parse ({e}); it is not a dpg run folder") from None
+    parent, _, name = path.rpartition("/")
+    data["storage"] = {"url": parent or ".", "storage_options": options}
+    cfg = DPGConfig.from_dict(data)
+    if cfg.run_id != name:
+        raise DPGError(f"{path} holds the config of run {cfg.run_id}; a run folder is named by its run id, so "
+                       f"rename the folder back to {cfg.run_id}")
+    return cfg
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Continue a stored run from its first incomplete stage (its config.json is the config)."""
+    from dpg.runconfig import NOT_IDENTITY, load_config
+
+    cfg = open_run(args.run, args.storage_options)
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        if key.split(".")[0] not in NOT_IDENTITY:
+            raise DPGError(f"--set {key} would change the run's results; only outer_iterations, storage.*, "
+                           "tracking.* and execution.* can change on resume")
+    cfg = load_config(None, args.set or [], base=cfg.to_dict())
+    quiet_offline_env()
+    from flows.optimize import optimize
+
+    optimize(cfg, force=args.force)
     print_status(cfg)
+    return 0
+
+
+def run_status(cfg) -> dict:
+    """Every iteration in the store (also those a schedule added): each stage's state and the iteration's metrics."""
+    from tasks import io
+    from tasks.stages import run_url, stage_names, stage_state, stage_url
+    from tasks.tracking import tracking_uri
+
+    options = cfg.storage.storage_options
+    fs, root = io.filesystem(run_url(cfg), options)
+    stored = [int(p.rstrip("/").rsplit("iter-", 1)[1]) for p in fs.glob(f"{root}/iter-*")
+              if p.rstrip("/").rsplit("iter-", 1)[1].isdigit()]
+    iterations = []
+    for it in range(max([cfg.outer_iterations - 1, *stored]) + 1):
+        stages = {n: stage_state(cfg, it, n)[1] for n in stage_names(cfg)}
+        report = io.read_manifest(stage_url(cfg, it, "report"), options) if stages["report"] == "done" else None
+        iterations.append({"iteration": it, "stages": stages, "metrics": (report or {"meta": {}})["meta"].get(
+            "metrics", {})})
+    last = next((i["iteration"] for i in reversed(iterations) if i["stages"]["rewards"].startswith("done")), None)
+    audit = None
+    if last is not None:
+        entry = io.read_manifest(stage_url(cfg, last, "rewards"), options)["files"]["records.parquet"]
+        audit = io.join(stage_url(cfg, last, "rewards"), entry["file"])
+    return {"run_id": cfg.run_id, "store": run_url(cfg), "outer_iterations": cfg.outer_iterations,
+            "iterations": iterations, "audit_table": audit, "mlflow": tracking_uri(cfg)}
+
+
+def print_status(cfg, as_json: bool = False) -> None:
+    import json
+
+    status = run_status(cfg)
+    if as_json:
+        print(json.dumps(status, indent=1, sort_keys=True, default=float))
+        return
+    print(f"\nrun {status['run_id']}  store {status['store']}")
+    print(f"{'iter':>4s}  {'stages done':30s} {'Phi after SFT':>13s} {'human metric':>24s} {'reward mean':>12s}")
+    for row in status["iterations"]:
+        m, stages = row["metrics"], row["stages"]
+        finished = [n for n, why in stages.items() if why.startswith("done")]
+        human = next(((k[5:], v) for k, v in m.items() if k.startswith("eval_") and k not in
+                      ("eval_phi", "eval_examples")), None)
+        done = "all" if len(finished) == len(stages) else ",".join(s.split("-")[0] for s in finished) or "none"
+        print(f"{row['iteration']:4d}  {len(finished)}/{len(stages)} {done[:24]:24s} "
+              f"{m.get('eval_phi', float('nan')):13.6g} {(f'{human[0]}={human[1]:.3g}' if human else ''):>24s} "
+              f"{m.get('reward_mean', float('nan')):12.3e}")
+        for name, why in stages.items():
+            if not why.startswith("done") and why != "not written":  # why a written stage does not count
+                print(f"      {name}: {why}")
+    if status["audit_table"]:
+        last = max(r["iteration"] for r in status["iterations"] if r["stages"]["rewards"].startswith("done"))
+        print(f"audit table (rollouts + rewards) of iteration {last}: {status['audit_table']}")
+    uri = status["mlflow"]
+    print(f"MLflow: {uri}   open with: mlflow ui --backend-store-uri {uri}")
+    print("Prefect: prefect server start   (then open http://127.0.0.1:4200; runs of this machine's PREFECT_HOME)")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    print_status(open_run(args.run, args.storage_options), as_json=args.json)
     return 0
 
 
@@ -221,19 +261,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """Print the commands that open the Prefect and MLflow UIs of a run."""
-    import json
     import os
 
-    from dpg.runconfig import DPGConfig
-
     quiet_offline_env()
-    from tasks import io
     from tasks.tracking import tracking_uri
 
-    try:
-        cfg = DPGConfig.from_dict(json.loads(io.read_bytes(io.join(args.run, "config.json"))))
-    except FileNotFoundError:
-        raise DPGError(f"{args.run} holds no config.json; give a run folder, e.g. runs/dpg-<hash>") from None
+    cfg = open_run(args.run, args.storage_options)
 
     if api := os.environ.get("PREFECT_API_URL"):  # workers mode: the server that runs the deployments
         print(f"# Prefect UI of the server at {api}: open {api.removesuffix('/').removesuffix('/api')}")
@@ -256,16 +289,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML/JSON config file (default: the embedded main job)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. --set outer_iterations=5 --set sft.lr=0.1 (repeatable)")
+    p.add_argument("--force", action="store_true",
+                   help="take over the lock of a writer of this run that is no longer running (e.g. killed)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("resume", help="continue a stored run from its first incomplete stage")
     p.add_argument("run", help="the run folder or URL, e.g. runs/dpg-1a2b3c4d5e6f or s3://bucket/prefix/dpg-...")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="only outer_iterations, storage.*, tracking.*, execution.* may change")
+    p.add_argument("--storage-options", metavar="JSON",
+                   help='fsspec options of the store, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\'')
+    p.add_argument("--force", action="store_true",
+                   help="take over the lock of a writer of this run that is no longer running (e.g. killed)")
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("status", help="stages done and metrics per iteration of a stored run")
     p.add_argument("run", help="the run folder or URL")
+    p.add_argument("--json", action="store_true", help="machine-readable: per-iteration stage states and metrics")
+    p.add_argument("--storage-options", metavar="JSON",
+                   help='fsspec options of the store, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\'')
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("deploy", help="register the Prefect deployments of a run on GPU/CPU work pools (workers mode)")
@@ -282,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ui", help="print the commands that open the Prefect and MLflow UIs of a run")
     p.add_argument("run", help="the run folder or URL, e.g. runs/dpg-1a2b3c4d5e6f")
+    p.add_argument("--storage-options", metavar="JSON",
+                   help='fsspec options of the store, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\'')
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("verify", help="check every metagradient against finite differences on tiny float64 models")
