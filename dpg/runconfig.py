@@ -260,6 +260,13 @@ class DPGConfig:
             raise DPGError(f"rewards.name='naive' with rollouts.grouping={self.rollouts.grouping!r} and "
                            f"rollouts.n_rollouts={self.rollouts.n_rollouts} gives every rollout of a prompt the same "
                            "reward (one SFT run's Phi); use rollouts.grouping=inverse and rollouts.n_rollouts >= 2")
+        if self.rollouts.n_rollouts < 2:
+            raise DPGError(f"rollouts.n_rollouts={self.rollouts.n_rollouts} gives every advantage 0 (GRPO normalises "
+                           "each reward within its prompt's rollouts), so the generator would never learn; use "
+                           "rollouts.n_rollouts >= 2")
+        if self.rewards.name == "dpg" and self.sft.dtype in ("float16", "bfloat16"):
+            raise DPGError(f"sft.dtype={self.sft.dtype!r} with rewards.name='dpg': per-example metagradients are "
+                           "~1e-9 and drown in half-precision rounding; use sft.dtype=float32 (or float64)")
         if self.rewards.name in ("dpg", "naive") and group % self.sft.step_size:
             s = self.sft.step_size
             raise DPGError(f"prompts.per_iteration={self.prompts.per_iteration} gives SFT groups of {group} examples "

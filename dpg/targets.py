@@ -143,7 +143,11 @@ def _read_image(spec: str, path: Path) -> np.ndarray:
     if not path.is_file():
         raise DPGError(f"{where} not found; give a .npy file or a text grid")
     if path.suffix == ".npy":
-        grid = np.asarray(np.load(path), dtype=np.float64)
+        try:
+            grid = np.asarray(np.load(path), dtype=np.float64)
+        except (ValueError, TypeError, OSError) as e:  # pickled objects, not a .npy file, non-numeric
+            raise DPGError(f"{where} is not a numeric .npy array ({e}); save one with np.save(path, grid) "
+                           "of numbers") from None
     else:
         lines = path.read_text().splitlines()
         while lines and not lines[-1].strip():

@@ -5,10 +5,25 @@ Bad input prints one line (`dpg: error: ...`) and exits 2; nothing is half-writt
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
-from dpg.errors import DPGError
+# Offline, telemetry-free, quiet defaults for Prefect, MLflow and Hugging Face (explicit settings win). Set on
+# import, before dpg's own imports load transformers and tqdm (tqdm reads TQDM_DISABLE when it is imported).
+QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+             "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # GGUF/weights progress bars
+             "MLFLOW_CONFIGURE_LOGGING": "false",  # MLflow's own console handler
+             "PREFECT_HOME": os.path.abspath(".dpg/prefect"),
+             # a dead tracking server fails in seconds, not after MLflow's 7 retries x 120 s timeouts
+             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+             # the temporary API server can take over 20 s to start on a busy 2-core machine
+             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+for _key, _value in QUIET_ENV.items():
+    os.environ.setdefault(_key, _value)
+
+from dpg.errors import DPGError  # noqa: E402 (after the environment above)
 
 DEMO_TEXTS = [
     "The river rose quickly after three days of rain, and the old bridge was closed to traffic.",
@@ -93,19 +108,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if agree else 1
 
 
-def quiet_offline_env() -> None:
-    """Offline, telemetry-free defaults for Prefect, MLflow and Hugging Face (explicit settings win)."""
-    import os
-
-    for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-                       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                       "PREFECT_HOME": os.path.abspath(".dpg/prefect"),
-                       # a dead tracking server fails in seconds, not after MLflow's 7 retries x 120 s timeouts
-                       "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-                       # the temporary API server can take over 20 s to start on a busy 2-core machine
-                       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
-        os.environ.setdefault(key, value)
+def prefect_home() -> None:
     os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
+
+
+LOG = {"path": None}  # the log file of this command, named in its error line
+
+
+def log_path(cfg) -> str:
+    """The run folder's dpg.log for a local store; .dpg/logs/<run_id>.log here for a remote one."""
+    from tasks.stages import run_url
+
+    url = run_url(cfg)
+    if "://" in url and not url.startswith("file://"):
+        return os.path.abspath(os.path.join(".dpg", "logs", f"{cfg.run_id}.log"))
+    return os.path.join(os.path.abspath(url.removeprefix("file://")), "logs", "dpg.log")
+
+
+def start_run(cfg, args: argparse.Namespace):
+    """Quiet environment, logs to the run's log file, the checks of tasks.stages.preflight: then the flow."""
+    prefect_home()
+    from rich.console import Console
+
+    from flows.console import route_logs
+
+    console = Console(stderr=True)
+    LOG["path"] = log_path(cfg)
+    route_logs(LOG["path"], 2 if args.debug else args.verbose, console)
+    print(f"dpg {args.command} {cfg.run_id}: {cfg.outer_iterations} outer iterations, target {cfg.target.spec} on "
+          f"{cfg.target.model}, generator {cfg.generator.source}, rewards {cfg.rewards.name}; log {LOG['path']}",
+          file=sys.stderr)
+    from tasks.stages import preflight
+
+    preflight(cfg)
+    return console
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -113,15 +149,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dpg.runconfig import load_config
 
     cfg = load_config(args.config, args.set or [])
-    quiet_offline_env()
+    return run_flow(cfg, args)
+
+
+def run_flow(cfg, args: argparse.Namespace) -> int:
+    console = start_run(cfg, args)
+    from flows.console import progress
     from flows.optimize import optimize
 
-    print(f"dpg run {cfg.run_id}: {cfg.outer_iterations} outer iterations, target {cfg.target.spec} on "
-          f"{cfg.target.model}, generator {cfg.generator.source}, rewards {cfg.rewards.name}", file=sys.stderr)
     t0 = time.perf_counter()
-    optimize(cfg, force=args.force)
+    with progress(cfg, console):
+        optimize(cfg, force=args.force)
     print_status(cfg)
-    print(f"\ndone in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    print(f"\ndone in {time.perf_counter() - t0:.0f} s; log {LOG['path']}", file=sys.stderr)
     return 0
 
 
@@ -163,13 +203,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         if key.split(".")[0] not in NOT_IDENTITY:
             raise DPGError(f"--set {key} would change the run's results; only outer_iterations, storage.*, "
                            "tracking.* and execution.* can change on resume")
-    cfg = load_config(None, args.set or [], base=cfg.to_dict())
-    quiet_offline_env()
-    from flows.optimize import optimize
-
-    optimize(cfg, force=args.force)
-    print_status(cfg)
-    return 0
+    return run_flow(load_config(None, args.set or [], base=cfg.to_dict()), args)
 
 
 def run_status(cfg) -> dict:
@@ -236,7 +270,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from dpg.runconfig import load_config
 
     cfg = load_config(args.config, args.set or [])
-    quiet_offline_env()
+    prefect_home()
     from flows.deployments import api_url, deploy, workers_config
 
     api = api_url()
@@ -261,9 +295,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """Print the commands that open the Prefect and MLflow UIs of a run."""
-    import os
-
-    quiet_offline_env()
+    prefect_home()
     from tasks.tracking import tracking_uri
 
     cfg = open_run(args.run, args.storage_options)
@@ -283,6 +315,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpg", description="Dataset Policy Gradient: synthetic data for any "
                                      "differentiable target (exact per-example metagradients + policy gradient).")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="show INFO lines and other libraries' warnings on the console (the log file has them)")
+    parser.add_argument("--debug", action="store_true", help="everything on the console, and tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run or continue a DPG optimization (Prefect flow, MLflow tracking)")
@@ -348,14 +383,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    LOG["path"] = None
     try:
         return args.func(args)
-    except DPGError as e:
-        print(f"dpg: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("dpg: interrupted", file=sys.stderr)
+        print("dpg: interrupted; resume the run to continue where it stopped", file=sys.stderr)
         return 130
+    except Exception as e:  # a bad input (DPGError) or a stage that failed: one line, the last one printed
+        import logging
+
+        if LOG["path"]:  # the traceback, in the log file (the console filter keeps errors off the screen)
+            logging.getLogger("dpg").error("the command failed", exc_info=True)
+        if args.debug:
+            raise
+        where = f" (traceback in {LOG['path']}; --debug prints it)" if LOG["path"] else ""
+        text = str(e) if isinstance(e, DPGError) else f"{type(e).__name__}: {e}"
+        sys.stdout.flush()
+        print(f"dpg: error: {text.splitlines()[0] if text else type(e).__name__}"
+              f"{where if not isinstance(e, DPGError) else ''}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import functools
 import io as stdio
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -206,6 +207,60 @@ def read_records(cfg: DPGConfig, url: str, name: str, cls) -> list:
     frame = io.read_table(url, name, cfg.storage.storage_options)
     plain = lambda v: v.tolist() if isinstance(v, (np.ndarray, np.generic)) else v
     return [cls(**{k: plain(v) for k, v in row.items()}) for row in frame.to_dict("records")]
+
+
+# --- before any flow starts ----------------------------------------------------------------------------------
+
+GOAL_REWARDS = {"levenshtein": "the goal text, e.g. a UUID", "embedding": "the goal text",
+                "langid": "a language code, e.g. fr"}
+
+
+def preflight(cfg: DPGConfig, models: bool = True) -> None:
+    """Every check that can fail on the inputs, before a flow starts: one DPGError, nothing written.
+
+    The reward resolves and has its goal; the prompt corpus reads, with its column and rows; the text metrics
+    parse; with `models`, the generator and the target load (both stay cached for this process's stages), the
+    template and max_prompt_tokens fit, a completion fits sft.max_len; the store takes a write; the tracking
+    URI (when one is set) answers.
+    """
+    from dpg.rewards import get_reward, needs_ids, needs_sft
+    from dpg.textmetrics import text_metrics
+
+    reward = get_reward(cfg.rewards.name)
+    if cfg.rewards.name in GOAL_REWARDS and not cfg.rewards.goal:
+        raise DPGError(f"rewards.name={cfg.rewards.name!r} needs rewards.goal ({GOAL_REWARDS[cfg.rewards.name]})")
+    if not needs_sft(reward):  # a text reward scores a probe text now, not after the first sampling
+        extra = {"example_ids": ["probe"], "seed": cfg.seed, "outer_iteration": 0} if needs_ids(reward) else {}
+        reward(["a probe text"], cfg.rewards.goal, **extra)
+    texts = loop.corpus(cfg)
+    if not texts:
+        raise DPGError(f"prompts.source={cfg.prompts.source!r} holds no text in column "
+                       f"{cfg.prompts.text_column!r}; give a corpus with at least one non-blank text")
+    text_metrics(["a probe text"], list(cfg.target.text_metrics))
+    if models:
+        _, tokenizer = base_generator(cfg)
+        loop.select_prompts(cfg, 0, tokenizer)  # the template's slot, max_prompt_tokens
+        _, target_tokenizer, _ = target_for(cfg)
+        if cfg.target.model == "tiny" or target_tokenizer is tokenizer:  # one tokenizer: the bound is exact
+            extra = len(target_tokenizer("a")["input_ids"]) - len(target_tokenizer("a", add_special_tokens=False)[
+                "input_ids"]) + int(target_tokenizer.eos_token_id is not None)
+            if cfg.rollouts.max_new_tokens + extra > cfg.sft.max_len:
+                raise DPGError(f"rollouts.max_new_tokens={cfg.rollouts.max_new_tokens} (+{extra} special token(s)) "
+                               f"does not fit sft.max_len={cfg.sft.max_len}: completions would be cut before the "
+                               f"SFT; raise sft.max_len to {cfg.rollouts.max_new_tokens + extra} or lower "
+                               "max_new_tokens")
+    probe = io.join(cfg.storage.url, f".dpg-write-probe-{os.getpid()}")
+    io.write_bytes(probe, b"", cfg.storage.storage_options)
+    io.remove(probe, cfg.storage.storage_options)
+    if cfg.tracking.uri:
+        from tasks.tracking import client
+
+        try:
+            client(cfg).search_experiments(max_results=1)
+        except Exception as e:  # unknown scheme (KeyError), connection refused, ...
+            raise DPGError(f"MLflow tracking at {cfg.tracking.uri} is unusable ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else 'no message'}); start it or fix "
+                           "tracking.uri") from None
 
 
 # --- the stages ---------------------------------------------------------------------------------------------

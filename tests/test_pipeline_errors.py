@@ -134,7 +134,7 @@ def test_unreachable_s3_endpoint_fails_fast_naming_the_url_and_writes_nothing(
                                              "tracking.experiment": "unreachable-s3"})
     error, seconds = run_failing(cfg)
     assert seconds < FAST
-    assert f"{run_url(cfg)}/config.json" in str(error) and "http://127.0.0.1:9" in str(error)
+    assert f"{run_url(cfg)}/lock.json" in str(error) and "http://127.0.0.1:9" in str(error)
     assert "\n" not in str(error)
 
     import s3fs
@@ -160,7 +160,7 @@ def test_unwritable_local_store_fails_naming_the_url_then_resumes(
                       **{"tracking.experiment": "unwritable"})
     error, seconds = run_failing(cfg)
     assert seconds < FAST
-    assert f"{run_url(cfg)}/config.json" in str(error) and "\n" not in str(error)
+    assert f"{run_url(cfg)}/lock.json" in str(error) and "\n" not in str(error)
     assert files_under(tmp_path) == ["store"]  # only the blocking file: no manifest, nothing else
     assert mlflow_runs(cfg, tracking_db) == []
 
@@ -179,7 +179,7 @@ def test_missing_s3_bucket_is_an_error_not_created(prefect_harness, no_retry_del
                       **{"storage.storage_options": json.dumps(s3_server), "tracking.experiment": "no-bucket"})
     error, seconds = run_failing(cfg)
     assert seconds < FAST
-    assert f"cannot write {run_url(cfg)}/config.json" in str(error) and "bucket does not exist" in str(error)
+    assert f"cannot write {run_url(cfg)}/lock.json" in str(error) and "bucket does not exist" in str(error)
     assert not s3fs.S3FileSystem(**s3_server, skip_instance_cache=True).exists("no-such-bucket")
     assert mlflow_runs(cfg, tracking_db) == []
 
