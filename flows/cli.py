@@ -402,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpg: error: {text.splitlines()[0] if text else type(e).__name__}"
               f"{where if not isinstance(e, DPGError) else ''}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        from flows.console import unroute_logs
+
+        unroute_logs()
 
 
 if __name__ == "__main__":

@@ -72,6 +72,9 @@ def route_logs(path: str, verbosity: int = 0, console=None) -> logging.Handler:
                     logger.addHandler(file)
     file.dpg = screen.dpg = True  # replaced, not stacked, when this process routes its logs again
     root = logging.getLogger()
+    noisy = ("transformers", "mlflow", "alembic", "urllib3", "botocore", "s3fs", "fsspec", "httpx")
+    if not ROUTED:
+        ROUTED.update(root=root.level, **{name: logging.getLogger(name).level for name in noisy})
     root.addHandler(file)
     root.addHandler(screen)
     root.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
@@ -80,9 +83,27 @@ def route_logs(path: str, verbosity: int = 0, console=None) -> logging.Handler:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    for noisy in ("transformers", "mlflow", "alembic", "urllib3", "botocore", "s3fs", "fsspec", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
+    for name in noisy:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
     return file
+
+
+ROUTED: dict = {}  # the levels route_logs changed, for unroute_logs
+
+
+def unroute_logs() -> None:
+    """Undo route_logs when the command ends, so a caller of flows.cli.main in its own process (tests, notebooks)
+    gets its logging back: dpg's handlers closed and removed, the levels it changed restored."""
+    root = logging.getLogger()
+    for logger in [root] + [v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger)]:
+        for handler in list(logger.handlers):
+            if getattr(handler, "dpg", False):
+                logger.removeHandler(handler)
+                handler.close()
+    for name, level in ROUTED.items():
+        (root if name == "root" else logging.getLogger(name)).setLevel(level)
+    ROUTED.clear()
+    logging.captureWarnings(False)
 
 
 def _to_screen(handler: logging.Handler) -> bool:

@@ -110,3 +110,24 @@ def test_a_stage_failing_inside_the_flow_ends_with_one_line_and_the_log_has_the_
     monkeypatch.setattr(dpg.loop, "group_rewards", lambda *a, **k: (_ for _ in ()).throw(ValueError("again")))
     with pytest.raises(ValueError, match="again"):  # --debug: the traceback, as Python prints it
         main(["--debug", "run", str(config)])
+
+
+def test_a_command_leaves_the_callers_logging_as_it_found_it(
+        prefect_harness, tiny_generator_dir, texts_file, tmp_path, monkeypatch, capsys):  # noqa: F811
+    import logging
+
+    monkeypatch.chdir(tmp_path)
+    base = tiny_config(tiny_generator_dir, texts_file, str(tmp_path / "store"), f"sqlite:///{tmp_path}/m.db",
+                       outer_iterations=1)
+    config = tmp_path / "job.json"
+    config.write_text(json.dumps(base.to_dict()))
+    root, hub = logging.getLogger(), logging.getLogger("transformers")
+    before = (list(root.handlers), root.level, hub.level)
+    with pytest.raises(Exception, match="nope"):  # --debug routes everything to the console, then re-raises
+        main(["--debug", "run", str(config), "--set", "rewards.name=nope"])
+    assert (list(root.handlers), root.level, hub.level) == before
+    assert main(["run", str(config), "--set", "rewards.name=nope"]) == 2
+    assert (list(root.handlers), root.level, hub.level) == before
+    capsys.readouterr()
+    logging.getLogger("transformers.x").info("a library's INFO line after the command")
+    assert "INFO" not in capsys.readouterr().err
