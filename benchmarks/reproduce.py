@@ -1,7 +1,7 @@
 """The demo x reward method x seed grid: one dpg run per cell, then a CSV, a Markdown summary and plots.
 
-Each cell (demo, method, seed) is `python -m flows.cli run <demo config> --set ...` with the seed in `seed`,
-`rollouts.seed` and `policy.seed`, `outer_iterations=--iterations`, `storage.url=<out>/runs`, the method's
+Each cell (demo, method, seed) is `python -m flows.cli run <demo config> --set ...` with the run's seed `seed`
+(every stage seed derives from it), `outer_iterations=--iterations`, `storage.url=<out>/runs`, the method's
 overrides from `DEMOS`, then every `--set`. Cells run one after another. dpg runs resume (every finished stage
 is skipped), so a killed grid continues where it stopped when the same command runs again, and a cell whose run
 is complete costs only a look at its last report stage. Each cell's output goes to `<out>/logs/<cell>.log`.
@@ -96,7 +96,7 @@ def cell_name(demo: str, method: str, seed: int) -> str:
 def cell_overrides(demo: str, method: str, seed: int, iterations: int, out: Path, extra: list[str] = ()) -> list[str]:
     """The --set overrides of one cell: seeds, iterations, store, the method's overrides (JSON values), then `extra`."""
     method_sets = [f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in DEMOS[demo]["methods"][method].items()]
-    return [f"seed={seed}", f"rollouts.seed={seed}", f"policy.seed={seed}", f"outer_iterations={iterations}",
+    return [f"seed={seed}", f"outer_iterations={iterations}",
             f"storage.url={out / 'runs'}", *method_sets, *extra]
 
 

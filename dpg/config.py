@@ -60,9 +60,6 @@ class SFTConfig:
     reverse: str = "forward_over_reverse"
     """How a reverse step gets H_t u and the per-example scores (see benchmarks/metagrad_cost.py).
     `reverse_over_forward` is wrong through nn.LayerNorm in torch <= 2.13 (pytorch/pytorch#196700)."""
-    seed: int = 0
-    """Seed for anything random (the SFT itself is deterministic)."""
-
     def __post_init__(self) -> None:
         for key, options in CHOICES.items():
             _require(getattr(self, key) in options, key, getattr(self, key), f"use one of {list(options)}")
@@ -75,7 +72,6 @@ class SFTConfig:
             if value is not None or key != "checkpoint_every":
                 _require(_int(value) and value >= (2 if key == "max_len" else 1), key, value,
                          f"use an integer >= {2 if key == 'max_len' else 1}")
-        _require(_int(self.seed), "seed", self.seed, "use an integer")
         b = self.betas
         _require(isinstance(b, (tuple, list)) and len(b) == 2 and all(_real(x) and 0 <= x < 1 for x in b),
                  "betas", b, "use two numbers in [0, 1), e.g. (0.9, 0.95)")

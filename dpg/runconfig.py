@@ -2,8 +2,10 @@
 
 Sections: `target`, `generator`, `prompts`, `rollouts`, `sft`, `rewards`, `policy`, `storage`,
 `tracking`, `execution`. Build it with `DPGConfig.from_dict` (unknown keys are errors naming them) or
-`load_config(path, overrides)`; `identity()` is what a resumed run must match (outer_iterations,
-storage credentials, tracking and execution may change between runs of the same optimization).
+`load_config(path, overrides)`. `DPGConfig()` holds each section's own defaults; README's main job is the
+named profile `main` (PROFILES), what `dpg run` runs without a config file. `identity()` is what a resumed run
+must match (outer_iterations, storage credentials, tracking and execution may change between runs of the same
+optimization).
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ class PromptConfig:
     """Parquet/JSONL/CSV file, saved HF dataset folder or fsspec URL; None: the built-in English corpus."""
     text_column: str = "text"
     """Column holding the article text."""
-    per_iteration: int = 4
+    per_iteration: int = 8
     """Prompts per outer iteration (each gets rollouts.n_rollouts completions)."""
     template: str | None = None
     """Prompt template with `{text}`; None: 'rephrase this article in different terms' (SPEC §5)."""
@@ -235,15 +237,16 @@ class DPGConfig:
     outer_iterations: int = 3
     """Outer iterations to reach (a resumed or scheduled run continues up to this number)."""
     seed: int = 0
-    """Seed of the tiny target's initialisation and of prompt selection."""
+    """The run's one seed. Every draw derives its own seed from it: the tiny target's initialisation, the prompt
+    order, the LoRA initialisation, each rollout (seed, iteration, prompt, rollout), the policy's minibatch
+    shuffle, and each stage's seeded RNG (loop.stage_seed). `rollouts.seed` and `policy.seed` are set from it."""
     target: TargetConfig = field(default_factory=TargetConfig)
-    generator: GeneratorConfig = field(default_factory=lambda: GeneratorConfig(lora_rank=16))
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
-    rollouts: RolloutConfig = field(default_factory=lambda: RolloutConfig(n_rollouts=4, max_new_tokens=32))
-    sft: SFTConfig = field(default_factory=lambda: SFTConfig(optimizer="sgd", lr=0.5, microbatch=2, grad_accum=1,
-                                                             max_len=64))
+    rollouts: RolloutConfig = field(default_factory=RolloutConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
-    policy: PolicyConfig = field(default_factory=lambda: PolicyConfig(lr=2e-4, microbatch=4))  # LoRA: larger lr
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
@@ -251,7 +254,13 @@ class DPGConfig:
     def __post_init__(self) -> None:
         _require(_int(self.outer_iterations) and self.outer_iterations >= 1, "outer_iterations",
                  self.outer_iterations, "use an integer >= 1", prefix="config")
-        _require(_int(self.seed), "seed", self.seed, "use an integer", prefix="config")
+        _require(_int(self.seed) and self.seed >= 0, "seed", self.seed, "use an integer >= 0", prefix="config")
+        for section in ("rollouts", "policy"):  # one seed story: the sections' seeds are the run's
+            given = getattr(self, section).seed
+            if given not in (0, self.seed):
+                raise DPGError(f"{section}.seed={given} differs from seed={self.seed}: a run has one seed, and every "
+                               f"stage's seed derives from it; set seed (and drop {section}.seed)")
+            object.__setattr__(self, section, dataclasses.replace(getattr(self, section), seed=self.seed))
         _require(isinstance(self.name, str) and self.name.replace("-", "").replace("_", "").isalnum(), "name",
                  self.name, "use letters, digits, '-' and '_'", prefix="config")
         group = self.prompts.per_iteration if self.rollouts.grouping == "inverse" else \
@@ -285,11 +294,17 @@ class DPGConfig:
             given = data.pop(k) or {}
             if not isinstance(given, dict):
                 raise DPGError(f"{k} must be a mapping of keys, not {type(given).__name__} {given!r}")
+            if k == "sft" and given.get("seed") == 0:  # config.json of dpg <= 0.1: a field that never did anything
+                given = {key: v for key, v in given.items() if key != "seed"}
             sections[k] = build(SECTIONS[k], dataclasses.asdict(getattr(defaults, k)) | given, k)
         return build(cls, data | sections, "config")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Nested plain values; `rollouts.seed` and `policy.seed` are left out (they are `seed`)."""
+        out = dataclasses.asdict(self)
+        for section in ("rollouts", "policy"):
+            del out[section]["seed"]
+        return out
 
     def identity(self) -> dict[str, Any]:
         """The part of the config that defines the results (resume must match it exactly)."""
@@ -316,6 +331,19 @@ class DPGConfig:
 
         walk("", self.to_dict())
         return out
+
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # README's main job, `dpg run` with no config file: the real SmolLM2 generator with LoRA adapters, a tiny
+    # random target, the "67" patch; small enough to finish in minutes on a 2-core CPU.
+    "main": {
+        "generator": {"source": "smollm2", "lora_rank": 16},
+        "prompts": {"per_iteration": 4},
+        "rollouts": {"n_rollouts": 4, "max_new_tokens": 32},
+        "sft": {"optimizer": "sgd", "lr": 0.5, "microbatch": 2, "grad_accum": 1, "max_len": 64},
+        "policy": {"lr": 2e-4, "microbatch": 4},  # LoRA adapters take a larger lr than full fine-tuning
+    },
+}
 
 
 def differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -355,14 +383,20 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def load_config(path: str | None = None, overrides: list[str] = (), base: dict[str, Any] | None = None) -> DPGConfig:
-    """Defaults < `base` or the YAML/JSON file at `path` < `overrides` (KEY=VALUE with dotted keys)."""
+    """Section defaults < `base`, or the YAML/JSON file at `path`, or a profile (`path` None or a name in PROFILES,
+    with no such file; None means `main`) < `overrides` (KEY=VALUE with dotted keys)."""
+    import copy
+
     import yaml
 
     data: dict[str, Any] = dict(base or {})
-    if path:
+    if base is None and (path is None or (path in PROFILES and not Path(path).exists())):
+        data = copy.deepcopy(PROFILES[path or "main"])
+    elif path:
         p = Path(path)
         if not p.is_file():
-            raise DPGError(f"config file {path!r} not found; give a YAML or JSON file")
+            raise DPGError(f"config file {path!r} not found; give a YAML or JSON file, or a profile "
+                           f"({', '.join(PROFILES)})")
         try:
             data = yaml_load(p.read_text()) or {}
         except yaml.YAMLError as e:

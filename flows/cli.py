@@ -321,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run or continue a DPG optimization (Prefect flow, MLflow tracking)")
-    p.add_argument("config", nargs="?", help="YAML/JSON config file (default: the embedded main job)")
+    p.add_argument("config", nargs="?",
+                   help="YAML/JSON config file, or a profile name (default: main, README's main job)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. --set outer_iterations=5 --set sft.lr=0.1 (repeatable)")
     p.add_argument("--force", action="store_true",
@@ -346,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("deploy", help="register the Prefect deployments of a run on GPU/CPU work pools (workers mode)")
-    p.add_argument("config", nargs="?", help="YAML/JSON config file (default: the embedded main job)")
+    p.add_argument("config", nargs="?",
+                   help="YAML/JSON config file, or a profile name (default: main, README's main job)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key (repeatable); storage.url must be s3://... or an absolute shared path")
     when = p.add_mutually_exclusive_group()

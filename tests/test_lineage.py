@@ -160,3 +160,57 @@ def test_one_writer_per_run_and_a_dead_writers_lock_is_taken_over_with_force(
     optimize(cfg, force=True)
     assert read_lock(run_url(cfg)) is None  # released at the end
     assert all(why == "done" for why in run_status(cfg)["iterations"][0]["stages"].values())
+
+
+def test_kill_9_at_random_moments_then_resume_gives_the_records_of_an_uninterrupted_run(
+        prefect_harness, tiny_generator_dir, texts_file, tmp_path):  # noqa: F811
+    """`dpg run` in its own process, killed with SIGKILL at seeded random moments (after a random number of finished
+    stages plus a random delay, so kills land inside stages too), each time rerun with --force (the dead writer's
+    lock stays): the finished run's stages are byte-identical to a run never interrupted."""
+    import os
+    import random
+    import subprocess
+    import sys
+    import time
+
+    import tasks.stages
+    from flows.optimize import optimize
+    from tasks.lock import read_lock
+    from tasks.stages import run_url
+
+    reference = tiny_config(tiny_generator_dir, texts_file, str(tmp_path / "ref"), f"sqlite:///{tmp_path}/ref.db")
+    tasks.stages._base_generator.cache_clear()
+    tasks.stages._target.cache_clear()
+    optimize(reference)
+    cfg = tiny_config(tiny_generator_dir, texts_file, str(tmp_path / "killed"), f"sqlite:///{tmp_path}/killed.db")
+    config = tmp_path / "job.json"
+    config.write_text(json.dumps(cfg.to_dict()))
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), OMP_NUM_THREADS="1")
+    env.pop("PREFECT_API_URL", None)
+    command = [sys.executable, "-m", "flows.cli", "run", str(config), "--force"]
+    store = tmp_path / "killed" / cfg.run_id
+    rng = random.Random(0)
+    total = 2 * len(STAGES)
+    kills = []
+    for after in sorted(rng.sample(range(1, total - 1), 3)):  # stages finished before the kill
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while process.poll() is None and len(list(store.rglob("manifest.json"))) < after:
+            assert time.monotonic() < deadline, "the run made no progress"
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+            kills.append((len(list(store.rglob("manifest.json"))), read_lock(run_url(cfg)) is not None))
+        process.wait()
+    print(f"\nkilled -9 with (stages finished, lock left) = {kills} of {total} stages")
+    mid_run = [held for finished, held in kills if finished < total]
+    assert len(mid_run) >= 2 and all(mid_run), kills  # killed inside the run, each leaving its lock behind
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert read_lock(run_url(cfg)) is None
+    for it in range(2):
+        for name in STAGES[:-1]:
+            assert stage_digests(cfg, it, name)[0] == stage_digests(reference, it, name)[0], (kills, it, name)

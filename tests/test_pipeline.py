@@ -195,10 +195,10 @@ def test_an_empty_completion_stays_in_its_sft_slot_through_the_flow(prefect_harn
                                                                     texts_file, tmp_path):
     from flows.optimize import optimize
 
-    # one generator token per rollout: with rollouts.seed=1 the first rollout of prompt 0 is the eos, so SFT group 0
+    # one generator token per rollout: with seed=1 the first rollout of prompt 0 is the eos, so SFT group 0
     # holds one empty and one real completion, in one microbatch of 2 (dropping it left 1 example: an error)
     cfg = tiny_config(tiny_generator_dir, texts_file, str(tmp_path), f"sqlite:///{tmp_path}/m.db",
-                      **{"rollouts.max_new_tokens": 1, "rollouts.seed": 1, "sft.microbatch": 2})
+                      **{"rollouts.max_new_tokens": 1, "seed": 1, "sft.microbatch": 2})
     optimize(cfg)
     records = records_of(cfg, 0)
     empty = records[records["empty"]]

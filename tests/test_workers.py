@@ -7,6 +7,7 @@ process worker starts each flow run in a session of its own), first with SIGTERM
 """
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ from test_pipeline import texts_file, tiny_config  # noqa: F401 (texts_file is a
 
 from dpg.errors import DPGError
 from dpg.runconfig import load_config
+from flows.cli import main, open_run, run_status
 from flows.deployments import REPO, check_shared_storage
 from tasks import io
 from tasks.stages import stage_url
@@ -152,7 +154,8 @@ def flow_runs(flow: str) -> list:
         return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])))
 
 
-def test_gpu_stages_run_as_flow_runs_on_the_gpu_pool(prefect_api, tiny_generator_dir, texts_file, tmp_path):  # noqa: F811
+def test_gpu_stages_run_as_flow_runs_on_the_gpu_pool(prefect_api, tiny_generator_dir, texts_file, tmp_path,  # noqa: F811
+                                                     capsys):
     from prefect import get_client
     from prefect.deployments import run_deployment
 
@@ -215,9 +218,21 @@ def test_gpu_stages_run_as_flow_runs_on_the_gpu_pool(prefect_api, tiny_generator
                                                                f"{cfg.name}-iter-0-sft-g1": 1,
                                                                f"{cfg.name}-iter-0-sft-g9": 1}
         assert {r.id for r in sft} < {r.id for r in again.values()}
+
+        # The schedule's next tick: a second advance adds iteration 1, and `dpg status` on the run folder shows both
+        # (config.json still says outer_iterations=1, the first advance's).
+        second = run_deployment(f"dpg-advance/{cfg.run_id}", timeout=300, poll_interval=1, as_subflow=False)
+        assert second.state.is_completed(), f"{second.state}\n" + "\n".join(w.tail() for w in workers)
+        status = run_status(open_run(str(tmp_path / "store" / cfg.run_id)))
+        assert [i["iteration"] for i in status["iterations"]] == [0, 1]
+        assert all(why == "done" for i in status["iterations"] for why in i["stages"].values()), status
+        assert main(["status", str(tmp_path / "store" / cfg.run_id), "--json"]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert [i["iteration"] for i in printed["iterations"]] == [0, 1] and "pixel_accuracy" in str(printed)
     finally:
         stop(*workers)
-    print(f"\nworkers + deploy {t1 - t0:.0f} s, dpg-advance run {t2 - t1:.0f} s, retry {time.monotonic() - t2:.0f} s")
+    print(f"\nworkers + deploy {t1 - t0:.0f} s, dpg-advance run {t2 - t1:.0f} s, "
+          f"retry and a second advance {time.monotonic() - t2:.0f} s")
 
 
 def test_workers_mode_refuses_a_relative_store():

@@ -1,0 +1,51 @@
+"""One set of defaults and one seed: the section classes' defaults, the `main` profile, a run seed."""
+
+import dataclasses
+
+import pytest
+
+from dpg import SFTConfig
+from dpg.errors import DPGError
+from dpg.generator import RolloutConfig
+from dpg.policy import PolicyConfig
+from dpg.runconfig import PROFILES, DPGConfig, load_config
+
+
+def test_the_run_config_defaults_are_the_sections_own():
+    cfg = DPGConfig()
+    for name in ("target", "generator", "prompts", "rewards", "storage", "tracking", "execution", "sft"):
+        section = getattr(cfg, name)
+        assert section == type(section)(), name
+    assert cfg.rollouts == RolloutConfig() and cfg.policy == PolicyConfig()  # seed 0 on both sides
+    assert DPGConfig.from_dict({}) == cfg
+
+
+def test_the_main_job_is_a_named_profile_and_only_what_it_names_differs():
+    main = load_config(None)
+    assert load_config("main") == main
+    assert main.to_dict() == load_config(None, [], base=main.to_dict()).to_dict()
+    differing = {f"{s}.{k}" for s, values in PROFILES["main"].items() for k in values}
+    plain = DPGConfig().to_dict()
+    for section, values in main.to_dict().items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                assert (value == plain[section][key]) == (f"{section}.{key}" not in differing
+                                                          or PROFILES["main"][section][key] == plain[section][key])
+    with pytest.raises(DPGError, match="profile"):
+        load_config("no-such-profile")
+
+
+def test_one_seed_drives_every_stage_and_no_section_has_its_own():
+    cfg = load_config(None, ["seed=7"])
+    assert cfg.rollouts.seed == cfg.policy.seed == 7
+    flat = cfg.flat()
+    assert [k for k in flat if k.endswith("seed")] == ["seed"]
+    assert load_config(None, ["seed=7", "rollouts.seed=7"]) == cfg  # old grids spelled it out: still the same run
+    with pytest.raises(DPGError, match=r"rollouts.seed=3 differs from seed=7: a run has one seed"):
+        load_config(None, ["seed=7", "rollouts.seed=3"])
+    with pytest.raises(DPGError, match=r"policy.seed=1 differs from seed=0"):
+        DPGConfig(policy=PolicyConfig(seed=1))
+    with pytest.raises(DPGError, match="unknown key.*sft.seed"):
+        load_config(None, ["sft.seed=3"])
+    assert "seed" not in {f.name for f in dataclasses.fields(SFTConfig)}
+    assert load_config(None, ["seed=1"]).hash != load_config(None, ["seed=2"]).hash
