@@ -281,6 +281,19 @@ def sequence_logprobs(model: nn.Module, prompt_ids: list[list[int]], completion_
     return result
 
 
+def target_rows(rollouts: list[Rollout], target_tokenizer, max_len: int) -> list[list[int]]:
+    """The target tokens of each completion as the SFT sees them: retokenised with the target's tokenizer, its eos
+    appended (if it has one), cut at `max_len`; [] for an empty completion."""
+    eos = target_tokenizer.eos_token_id
+    rows = []
+    for r in rollouts:
+        ids = [] if is_empty(r) else list(target_tokenizer(r.text)["input_ids"])
+        if ids and eos is not None and ids[-1] != eos:
+            ids.append(eos)
+        rows.append(ids[:max_len])
+    return rows
+
+
 def to_target_examples(rollouts: list[Rollout], target_tokenizer, max_len: int
                        ) -> tuple[Tensor, Tensor, list[bool], list[int]]:
     """Target-model training examples from completions: (input_ids, attention_mask, empty, n_target_tokens).
@@ -298,13 +311,8 @@ def to_target_examples(rollouts: list[Rollout], target_tokenizer, max_len: int
         raise DPGError(f"max_len={max_len!r} is invalid; use an integer >= 2 (sft.max_len)")
     eos = target_tokenizer.eos_token_id
     pad = next((t for t in (target_tokenizer.pad_token_id, eos) if t is not None), 0)
-    empty, rows = [], []
-    for r in rollouts:
-        ids = [] if is_empty(r) else list(target_tokenizer(r.text)["input_ids"])
-        if ids and eos is not None and ids[-1] != eos:
-            ids.append(eos)
-        empty.append(is_empty(r))
-        rows.append(ids[:max_len] or [eos if eos is not None else pad])
+    empty = [is_empty(r) for r in rollouts]
+    rows = [ids or [eos if eos is not None else pad] for ids in target_rows(rollouts, target_tokenizer, max_len)]
     if any(empty):
         log.warning("%d of %d completions are empty: one-token rows in the target SFT that contribute nothing",
                     sum(empty), len(rollouts))

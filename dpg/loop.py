@@ -181,12 +181,14 @@ def evaluate(cfg: DPGConfig, rollouts: list[Rollout], target_model: nn.Module, t
 
 
 def advantages(cfg: DPGConfig, rollouts: list[Rollout], taus: dict[str, float],
-               credit: dict[str, list[float]] | None = None) -> list[Reward]:
+               credit: dict[str, list[float]] | None = None, target_tokens: dict[str, int] | None = None
+               ) -> list[Reward]:
     """Group-normalised advantages (groups = the rollouts of one prompt), one Reward record per rollout.
 
     With per-token `credit` (rewards.credit token / token-own) each record also gets `token_advantages`
     (dpg.credit.token_advantages of the credit itself or of its reward-to-go), which the update then uses in
-    place of `advantage`.
+    place of `advantage`. `target_tokens` ({example_id: dpg.generator.target_rows length}) fills each record's
+    `target_tokens`, the real target tokens the SFT saw (-1 where it is not given).
 
     `taus` holds every rollout's raw reward. An empty completion without a reward (tau NaN: SFT rewards)
     gets advantage 0: it did not shape the target, so the policy gradient neither favours nor penalises
@@ -216,7 +218,8 @@ def advantages(cfg: DPGConfig, rollouts: list[Rollout], taus: dict[str, float],
         returns = {k: to_go(torch.tensor(v, dtype=torch.float64)) for k, v in credit.items()}
         per_token, _ = token_advantages(rollouts, returns, cfg.rewards.eps_fraction)
     return [Reward(r.example_id, r.outer_iteration, r.group_id, cfg.rewards.name, taus[r.example_id], scale,
-                   by_id.get(r.example_id, 0.0), empty=is_empty(r),
+                   by_id.get(r.example_id, 0.0), target_tokens=int((target_tokens or {}).get(r.example_id, -1)),
+                   empty=is_empty(r),
                    token_advantages=per_token[r.example_id].tolist() if per_token else []) for r in rollouts]
 
 

@@ -41,7 +41,7 @@ class Reward:
     tau: float  # raw reward (for dpg: dPhi/dw_i, float64); NaN for an empty completion under an SFT reward
     tau_scale: float  # scale used to normalise (the batch's std of tau); 0.0 for a flat batch (no spread)
     advantage: float  # group-normalised advantage fed to the policy update (0 without a reward)
-    target_tokens: int = 0  # real target tokens of the example after retokenisation
+    target_tokens: int = -1  # real target tokens of its SFT row (dpg.generator.target_rows); -1: not known
     empty: bool = False  # an empty completion (dpg.generator.is_empty)
     token_advantages: list[float] = field(default_factory=list)  # per completion token (rewards.credit=token)
 

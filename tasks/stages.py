@@ -33,7 +33,7 @@ from prefect.cache_policies import NO_CACHE
 
 from dpg import loop
 from dpg.errors import DPGError
-from dpg.generator import load_generator
+from dpg.generator import load_generator, target_rows
 from dpg.models import seeded
 from dpg.policy import load_policy_state, policy_optimizer, save_policy_state
 from dpg.records import Reward, Rollout, SFTRun, as_rows
@@ -294,6 +294,8 @@ def sft_group(cfg: DPGConfig, it: int, rollouts_url: str, group: int) -> str:
     taus, run, credit = loop.group_rewards(cfg, rollouts, group, model, tokenizer, target)
     seconds = time.perf_counter() - start
     frame = pd.DataFrame({"example_id": list(taus), "tau": list(taus.values())})
+    members = {r.example_id: r for r in rollouts if r.group_id == group}
+    frame["target_tokens"] = [len(row) for row in target_rows([members[k] for k in taus], tokenizer, cfg.sft.max_len)]
     if credit:  # token credit: one value per generator token, [] for an empty completion
         frame["credit"] = [credit.get(k, []) for k in taus]
     files = {"tau.parquet": frame}
@@ -324,16 +326,18 @@ def compute_advantages(cfg: DPGConfig, it: int, rollouts_url: str, group_urls: l
         return url
     options = cfg.storage.storage_options
     rollouts = read_records(cfg, rollouts_url, "rollouts.parquet", Rollout)
-    taus, runs, credit = {}, [], {}
+    taus, runs, credit, lengths = {}, [], {}, {}
     for g in group_urls:
         manifest = done(cfg, g)
         frame = io.read_table(g, "tau.parquet", options)
         taus.update(zip(frame["example_id"], frame["tau"].astype(float)))
+        if "target_tokens" in frame:  # not in stages written by dpg <= 0.1
+            lengths.update(zip(frame["example_id"], frame["target_tokens"].astype(int)))
         if "credit" in frame:
             credit.update((k, list(map(float, v))) for k, v in zip(frame["example_id"], frame["credit"]) if len(v))
         if "sft.json" in manifest["files"]:
             runs.append(SFTRun(**json.loads(io.read_file(g, "sft.json", options, manifest))))
-    rewards = loop.advantages(cfg, rollouts, taus, credit)
+    rewards = loop.advantages(cfg, rollouts, taus, credit, lengths)
     table = pd.DataFrame(as_rows(rollouts)).merge(
         pd.DataFrame(as_rows(rewards)).drop(columns=["outer_iteration", "group_id"]), on="example_id",
         validate="one_to_one")

@@ -203,9 +203,10 @@ def test_an_empty_completion_stays_in_its_sft_slot_through_the_flow(prefect_harn
     records = records_of(cfg, 0)
     empty = records[records["empty"]]
     assert empty["example_id"].tolist() == ["0-0-0"] and empty["token_ids"].map(list).tolist() == [[1]]
-    assert empty["tau"].isna().all() and (empty["advantage"] == 0.0).all()
+    assert empty["tau"].isna().all() and (empty["advantage"] == 0.0).all() and (empty["target_tokens"] == 0).all()
     real = records[~records["empty"]]
     assert real["tau"].notna().all() and (real["advantage"] != 0).any()
+    assert (real["target_tokens"] == 2).all()  # one word and the target's eos
     meta = metrics_of(cfg, 0)["metrics"]
     assert meta["empty_completions"] == 1.0 and meta["flat_batch"] == 0.0
     runs = io.read_table(stage_url(cfg, 0, "rewards"), "sft_runs.parquet")
