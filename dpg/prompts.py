@@ -38,6 +38,18 @@ Fallback corpus `python-docs`: the prose paragraphs of the Python standard libra
 (the Python language reference; PSF License), for a machine with nothing but torch and transformers.
 Nothing is downloaded at run time."""
 
+
+
+def corpus_licence(source: str) -> dict[str, str]:
+    """The licence of a prompt source's texts: known for the built-in corpora, the user's to state otherwise."""
+    if source in WIKI_LANGUAGES:
+        return {"spdx": "cc-by-sa-4.0", "text": "CC BY-SA 4.0 (Wikipedia content; attribution: Wikipedia "
+                "contributors; see dpg.prompts.DEFAULT_CORPUS_SOURCE)"}
+    if source == PYTHON_DOCS:
+        return {"spdx": "psf-2.0", "text": "PSF License (the Python standard library's pydoc_data.topics)"}
+    return {"spdx": "other", "text": f"that of {source} (not known to dpg: state it before sharing this dataset)"}
+
+
 MIN_CHARS, MAX_CHARS = 300, 1500  # article size of the built-in corpora
 READERS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "json", ".csv": "csv"}
 

@@ -312,7 +312,13 @@ class DPGConfig:
 
     @property
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+        identity = self.identity()
+        # hashed as dpg 0.1 wrote the config (with the sections' seeds and the dead sft.seed), so that the run ids
+        # of stored runs, and their folders, stay what they were
+        identity["rollouts"] = {**identity["rollouts"], "seed": self.seed}
+        identity["policy"] = {**identity["policy"], "seed": self.seed}
+        identity["sft"] = {**identity["sft"], "seed": 0}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     @property
     def run_id(self) -> str:

@@ -265,6 +265,68 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    import json
+
+    from tasks.audit import audit
+
+    if args.top < 1:
+        raise DPGError(f"--top={args.top} is invalid; use an integer >= 1")
+    result = audit(open_run(args.run, args.storage_options), args.iteration, args.top)
+    if args.json:
+        print(json.dumps(result, indent=1, default=float))
+        return 0
+    scope = "the whole run" if args.iteration is None else f"iteration {args.iteration}"
+    print(f"audit of run {result['run_id']} ({scope})  store {result['store']}")
+    for by in ("tau", "advantage"):
+        for side in ("proponents", "opponents"):
+            rows = result[f"by_{by}"][side]
+            push = "up" if side == "proponents" else "down"
+            print(f"\ntop {len(rows)} {side} by {by} (pushed Phi {push}):")
+            print(f"  {'example':>10s} {'group':>5s} {'tau':>11s} {'tau/std':>8s} {'adv':>7s} {'generator':>16s}  text")
+            for r in rows:
+                print(f"  {r['example_id']:>10s} {r['sft_group']:5d} {r['tau']:11.3e} {r['tau_normalised']:8.2f} "
+                      f"{r['advantage']:7.2f} {r['generator_version']:>16s}  {r['text'][:70]}")
+    if result["sft_runs"]:
+        print("\nSFT runs: measured Phi change vs sum of tau (first order), share of |tau| in the top 1 % / 10 %:")
+        print(f"  {'iter':>4s} {'group':>5s} {'n':>4s} {'dPhi':>11s} {'sum tau':>11s} {'ratio':>7s} {'top1%':>6s} "
+              f"{'top10%':>6s}")
+        shown = result["sft_runs"] if len(result["sft_runs"]) <= 16 else result["sft_runs"][-8:]
+        if len(shown) < len(result["sft_runs"]):
+            print(f"  ... the last {len(shown)} of {len(result['sft_runs'])} (--iteration K or --json for the others)")
+        for r in shown:
+            print(f"  {r['iteration']:4d} {r['sft_group']:5d} {r['examples']:4d} {r['phi_change']:11.3e} "
+                  f"{r['sum_tau']:11.3e} {r['ratio']:7.2f} {r['top_1pct_share']:6.2f} {r['top_10pct_share']:6.2f}")
+        a = result["agreement"]
+        print(f"  over {a['sft_runs']} SFT runs: sum tau has the sign of dPhi in {a['same_sign_share']:.0%}, "
+              f"Pearson {a['pearson']:.2f}, median ratio {a['median_ratio']:.2f}")
+    print("\nper iteration:")
+    keys = [k for k in result["iterations"][0] if k not in ("iteration", "rollouts", "generator_version")]
+    print("  " + f"{'iter':>4s} " + " ".join(f"{k[:14]:>14s}" for k in keys))
+    for r in result["iterations"]:
+        print("  " + f"{r['iteration']:4d} " + " ".join(f"{r.get(k, float('nan')):14.4g}" for k in keys))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tasks.export import export_dataset, export_generator
+
+    cfg = open_run(args.run, args.storage_options)
+    data = export_dataset(cfg, args.iteration, args.out)
+    m = data["metrics"]
+    print(f"dataset of iteration {data['iteration']} ({data['rows']} rows, Phi {m.get('eval_phi', float('nan')):.4g}):"
+          f" {data['out']}/data.parquet, {data['out']}/dataset (datasets.load_from_disk), {data['out']}/README.md")
+    if args.generator:
+        gen = export_generator(cfg, str(data["iteration"]), args.out, register=not args.no_register)
+        print(f"generator {gen['version']} (after iteration {gen['iteration']}'s update, "
+              f"{len(gen['lineage']['updates'])} updates from {gen['lineage']['base']}): {gen['out']} "
+              "(AutoModelForCausalLM.from_pretrained)")
+        if "registered" in gen:
+            r = gen["registered"]
+            print(f"registered in MLflow as {r['model']} version {r['version']} ({r['tracking_uri']})")
+    return 0
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Register a workers-mode run's deployments with the Prefect server at PREFECT_API_URL (see infra/README.md)."""
     from dpg.runconfig import load_config
@@ -345,6 +407,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-options", metavar="JSON",
                    help='fsspec options of the store, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\'')
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("audit", help="which synthetic examples pushed the target where, and can tau be trusted")
+    p.add_argument("run", help="the run folder or URL")
+    p.add_argument("--iteration", type=int, metavar="K", help="one iteration (default: the whole run)")
+    p.add_argument("--top", type=int, default=5, metavar="N", help="proponents and opponents to show (default 5)")
+    p.add_argument("--json", action="store_true", help="machine-readable: every table as JSON")
+    p.add_argument("--storage-options", metavar="JSON",
+                   help='fsspec options of the store, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\'')
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("export", help="write a run's synthetic dataset (Parquet, datasets folder, card) or generator")
+    p.add_argument("run", help="the run folder or URL")
+    p.add_argument("--iteration", default="best", metavar="K",
+                   help="an iteration, last, or best (highest Phi after SFT on its data; default)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
+    p.add_argument("--generator", action="store_true",
+                   help="also the generator after that iteration's update: LoRA merged, save_pretrained, registered "
+                        "in MLflow's model registry with its lineage")
+    p.add_argument("--no-register", action="store_true", help="with --generator: do not touch MLflow")
+    p.add_argument("--storage-options", metavar="JSON",
+                   help='fsspec options of the store, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\'')
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("deploy", help="register the Prefect deployments of a run on GPU/CPU work pools (workers mode)")
     p.add_argument("config", nargs="?",

@@ -1,0 +1,151 @@
+"""`dpg export`: a stored run's synthetic dataset (Parquet, a `datasets` folder, a dataset card) and its tuned
+generator (LoRA merged, `save_pretrained`, registered in MLflow's model registry with its lineage)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from dpg.errors import DPGError
+from dpg.prompts import corpus_licence
+from dpg.runconfig import DPGConfig
+from tasks import io
+from tasks.audit import audited_iterations
+from tasks.stages import code_version, done, generator_at, run_url, stage_url
+
+COLUMNS = ["example_id", "outer_iteration", "prompt_id", "rollout_index", "source_id", "prompt", "text", "empty",
+           "generator_version", "tau", "advantage"]
+
+
+def human_metric(metrics: dict) -> tuple[str, float] | None:
+    return next(((k[5:], float(v)) for k, v in sorted(metrics.items()) if k.startswith("eval_")
+                 and k not in ("eval_phi", "eval_examples")), None)
+
+
+def report_metrics(cfg: DPGConfig, it: int) -> dict:
+    report = io.read_manifest(stage_url(cfg, it, "report"), cfg.storage.storage_options)
+    return (report or {"meta": {}})["meta"].get("metrics", {})
+
+
+def resolve_iteration(cfg: DPGConfig, spec: str) -> int:
+    """An iteration number, `last` (the last with finished rewards) or `best` (the highest Phi after SFT on the
+    iteration's data, `eval_phi`: Phi is higher-is-better for every target, a human metric need not be)."""
+    its = audited_iterations(cfg)
+    if not its:
+        raise DPGError(f"run {cfg.run_id} at {run_url(cfg)} has no finished rewards stage yet; nothing to export")
+    if spec == "last":
+        return its[-1]
+    if spec == "best":
+        scored = [(report_metrics(cfg, it).get("eval_phi"), it) for it in its]
+        scored = [(phi, it) for phi, it in scored if phi is not None]
+        if not scored:
+            raise DPGError(f"run {cfg.run_id} has no finished report stage, so no iteration is 'best'; "
+                           "give --iteration K")
+        return max(scored, key=lambda x: (x[0], -x[1]))[1]
+    if not spec.isdigit() or int(spec) not in its:
+        raise DPGError(f"--iteration {spec!r} is not a finished iteration of run {cfg.run_id}; use last, best or "
+                       f"one of {', '.join(map(str, its))}")
+    return int(spec)
+
+
+def dataset_card(cfg: DPGConfig, it: int, rows: int, metrics: dict) -> str:
+    human = human_metric(metrics)
+    shown = f"{human[0]} = {human[1]:.4g}" if human else "(no human metric)"
+    return f"""---
+license: {corpus_licence(cfg.prompts.source)['spdx']}
+tags: [synthetic, dpg, dataset-policy-gradient]
+---
+# Synthetic data of DPG run `{cfg.run_id}`, outer iteration {it}
+
+{rows} completions written by the generator `{cfg.generator.source}` (version of iteration {it}) for the prompts
+of `{cfg.prompts.source}`, each with its reward: `tau`, the exact metagradient dPhi/dw of the target metric
+`{cfg.target.spec}` on the `{cfg.target.model}` target, and the group-normalised `advantage` the generator was
+updated with.
+
+- Source run: `{run_url(cfg)}` (config hash `{cfg.hash}`, dpg code `{code_version()}`)
+- Target metric after fine-tuning on this iteration's data: Phi = {metrics.get('eval_phi', float('nan')):.6g},
+  {shown}
+- Prompt corpus licence: {corpus_licence(cfg.prompts.source)['text']}
+
+Load it with `datasets.load_from_disk("dataset")` or `pandas.read_parquet("data.parquet")`; the column `text`
+is what the target was fine-tuned on (empty completions are marked `empty`).
+
+## Config
+
+```json
+{json.dumps(cfg.identity(), indent=1, sort_keys=True, default=str)}
+```
+"""
+
+
+def export_dataset(cfg: DPGConfig, spec: str, out: str) -> dict:
+    """`out`/data.parquet, `out`/dataset (datasets.save_to_disk) and `out`/README.md (the dataset card)."""
+    import datasets
+
+    it = resolve_iteration(cfg, spec)
+    table = io.read_table(stage_url(cfg, it, "rewards"), "records.parquet", cfg.storage.storage_options)
+    frame = table[COLUMNS].reset_index(drop=True)
+    os.makedirs(out, exist_ok=True)
+    frame.to_parquet(os.path.join(out, "data.parquet"), index=False)
+    datasets.Dataset.from_pandas(frame, preserve_index=False).save_to_disk(os.path.join(out, "dataset"))
+    metrics = report_metrics(cfg, it)
+    with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
+        f.write(dataset_card(cfg, it, len(frame), metrics))
+    return {"iteration": it, "rows": len(frame), "out": os.path.abspath(out), "metrics": metrics}
+
+
+def lineage_of(cfg: DPGConfig, it: int) -> dict:
+    """The chain from the base model to the generator that iteration `it`'s update wrote."""
+    chain = []
+    for k in range(it + 1):
+        manifest = done(cfg, stage_url(cfg, k, "generator"))
+        if manifest is None:
+            raise DPGError(f"the generator of iteration {k} is not stored (finished); resume the run first")
+        chain.append({"iteration": k, "version": manifest["meta"]["version"],
+                      "rewards": stage_url(cfg, k, "rewards"), "steps": manifest["meta"]["stats"].get("steps")})
+    return {"run_id": cfg.run_id, "config_hash": cfg.hash, "code": code_version(), "base": cfg.generator.source,
+            "updates": chain}
+
+
+def export_generator(cfg: DPGConfig, spec: str, out: str, register: bool = True) -> dict:
+    """The generator after iteration K's update, LoRA merged, saved by save_pretrained to `out`/generator; then
+    logged to the optimization's MLflow run and registered as model `dpg-<run name>` with its lineage."""
+    it = resolve_iteration(cfg, spec)
+    lineage = lineage_of(cfg, it)
+    model, tokenizer, _, version = generator_at(cfg, it + 1)
+    if hasattr(model, "merge_and_unload"):  # peft: the adapters folded into the base weights
+        model = model.merge_and_unload()
+    folder = os.path.join(out, "generator")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with open(os.path.join(folder, "dpg_lineage.json"), "w") as f:
+        json.dump(lineage, f, indent=1)
+    result = {"iteration": it, "version": version, "out": os.path.abspath(folder), "lineage": lineage}
+    if register:
+        result["registered"] = register_generator(cfg, folder, lineage)
+    return result
+
+
+def register_generator(cfg: DPGConfig, folder: str, lineage: dict) -> dict:
+    from tasks.tracking import client
+
+    mc = client(cfg)
+    experiment = mc.get_experiment_by_name(cfg.tracking.experiment)
+    found = mc.search_runs([experiment.experiment_id], f"tags.`dpg.run_id` = '{cfg.run_id}'", max_results=1) \
+        if experiment else []
+    if not found:
+        raise DPGError(f"no MLflow run of {cfg.run_id} at {mc.tracking_uri}; export with --no-register, or set "
+                       "tracking.uri with --set to where the run was tracked")
+    run = found[0]
+    last = lineage["updates"][-1]
+    path = f"export/generator-iter-{last['iteration']:04d}"
+    mc.log_artifacts(run.info.run_id, folder, path)
+    mc.log_dict(run.info.run_id, lineage, f"{path}/lineage.json")
+    name = f"dpg-{cfg.name}"
+    if not mc.search_registered_models(f"name = '{name}'"):
+        mc.create_registered_model(name, description=f"Generators tuned by DPG ({cfg.target.spec})")
+    tags = {"dpg.run_id": cfg.run_id, "dpg.iteration": str(last["iteration"]), "dpg.generator_version":
+            last["version"], "dpg.base": lineage["base"], "dpg.code": lineage["code"],
+            "dpg.lineage": " <- ".join(u["version"] for u in reversed(lineage["updates"])) + f" <- {lineage['base']}"}
+    mv = mc.create_model_version(name, f"{run.info.artifact_uri}/{path}", run_id=run.info.run_id, tags=tags)
+    return {"model": name, "version": mv.version, "tracking_uri": mc.tracking_uri}

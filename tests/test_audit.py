@@ -1,0 +1,96 @@
+"""`dpg audit` and `dpg export` on a real tiny run (Prefect flow, MLflow sqlite, LoRA generator)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from test_pipeline import texts_file, tiny_config  # noqa: F401 (texts_file: a fixture)
+
+from flows.cli import main
+from tasks import io
+from tasks.stages import stage_url
+
+
+@pytest.fixture(scope="module")
+def run(prefect_harness, tiny_generator_dir, texts_file, tmp_path_factory):  # noqa: F811
+    from flows.optimize import optimize
+
+    root = tmp_path_factory.mktemp("audited")
+    cfg = tiny_config(tiny_generator_dir, texts_file, str(root / "store"), f"sqlite:///{root}/m.db",
+                      **{"rollouts.n_rollouts": 4, "sft.microbatch": 2})
+    optimize(cfg)
+    return cfg, str(root / "store" / cfg.run_id)
+
+
+def records(cfg, it):
+    return io.read_table(stage_url(cfg, it, "rewards"), "records.parquet")
+
+
+def test_audit_ranks_by_tau_and_checks_the_sft_runs_first_order(run, capsys):
+    cfg, path = run
+    assert main(["audit", path, "--iteration", "1", "--top", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    table = records(cfg, 1).dropna(subset=["tau"]).sort_values("tau")
+    assert [r["example_id"] for r in result["by_tau"]["proponents"]] == table["example_id"].tolist()[::-1][:2]
+    assert [r["example_id"] for r in result["by_tau"]["opponents"]] == table["example_id"].tolist()[:2]
+    best = result["by_tau"]["proponents"][0]
+    row = table.set_index("example_id").loc[best["example_id"]]
+    assert best["tau"] == row["tau"] and best["tau_normalised"] == pytest.approx(row["tau"] / row["tau_scale"])
+    assert best["generator_version"] == row["generator_version"] and best["text"] in " ".join(row["text"].split())
+    runs = io.read_table(stage_url(cfg, 1, "rewards"), "sft_runs.parquet")
+    assert [(r["iteration"], r["sft_group"]) for r in result["sft_runs"]] == [(1, g) for g in runs["group_id"]]
+    for r, (_, expected) in zip(result["sft_runs"], runs.iterrows()):
+        assert r["phi_change"] == pytest.approx(expected["phi_after"] - expected["phi_before"])
+        mine = table[table["group_id"] == expected["group_id"]]["tau"]
+        assert r["sum_tau"] == pytest.approx(mine.sum()) and 0 < r["top_10pct_share"] <= 1
+    assert [i["iteration"] for i in result["iterations"]] == [0, 1]
+    assert "eval_pixel_accuracy" in result["iterations"][1]
+
+    assert main(["audit", path]) == 0  # the whole run, as a table
+    out = capsys.readouterr().out
+    assert "top 5 proponents by tau" in out and "SFT runs" in out and "per iteration" in out
+    assert main(["audit", path, "--iteration", "7"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("dpg: error: iteration 7 of run")
+
+
+def test_export_writes_parquet_a_datasets_folder_a_card_and_a_loadable_registered_generator(run, tmp_path, capsys):
+    import datasets
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM
+
+    from tasks.stages import generator_at
+    from tasks.tracking import tracking_uri
+
+    cfg, path = run
+    out = tmp_path / "export"
+    assert main(["export", path, "--iteration", "last", "--out", str(out), "--generator"]) == 0
+    printed = capsys.readouterr().out
+    assert "dataset of iteration 1" in printed and "registered in MLflow as dpg-dpg version 1" in printed
+    frame = pd.read_parquet(out / "data.parquet")
+    expected = records(cfg, 1)
+    assert frame["example_id"].tolist() == expected["example_id"].tolist()
+    assert frame["text"].tolist() == expected["text"].tolist()
+    assert np.array_equal(frame["tau"].to_numpy(), expected["tau"].to_numpy(), equal_nan=True)
+    loaded = datasets.load_from_disk(str(out / "dataset"))
+    assert loaded["text"] == frame["text"].tolist() and loaded["example_id"] == frame["example_id"].tolist()
+    card = (out / "README.md").read_text()
+    assert cfg.run_id in card and "license: other" in card and "outer iteration 1" in card
+
+    model, tokenizer, _, version = generator_at(cfg, 2)  # the generator after iteration 1's update (LoRA)
+    assert hasattr(model, "merge_and_unload")
+    exported = AutoModelForCausalLM.from_pretrained(str(out / "generator"), attn_implementation="eager").eval()
+    ids = torch.tensor([tokenizer("the river rose quickly")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(exported(ids).logits, model(ids).logits, atol=1e-5)
+    lineage = json.loads((out / "generator" / "dpg_lineage.json").read_text())
+    assert [u["iteration"] for u in lineage["updates"]] == [0, 1] and lineage["updates"][-1]["version"] == version
+
+    mc = MlflowClient(tracking_uri=tracking_uri(cfg))
+    [mv] = mc.search_model_versions("name = 'dpg-dpg'")
+    assert mv.tags["dpg.run_id"] == cfg.run_id and mv.tags["dpg.generator_version"] == version
+    assert mv.tags["dpg.lineage"].endswith(f"<- {cfg.generator.source}")
+
+    assert main(["export", path, "--iteration", "9", "--out", str(tmp_path / "x")]) == 2
+    assert "is not a finished iteration" in capsys.readouterr().err
