@@ -49,3 +49,9 @@ def test_one_seed_drives_every_stage_and_no_section_has_its_own():
         load_config(None, ["sft.seed=3"])
     assert "seed" not in {f.name for f in dataclasses.fields(SFTConfig)}
     assert load_config(None, ["seed=1"]).hash != load_config(None, ["seed=2"]).hash
+
+
+def test_run_ids_stay_those_that_stored_runs_have():
+    # computed by dpg before one-seed (commit 389f6fe): the main job, and a grid cell that set every seed to 3
+    assert load_config(None).run_id == "dpg-73cafac66214"
+    assert load_config("experiments/pattern-67.yaml", ["seed=3"]).run_id == "pattern-67-c408d24c3a0d"
