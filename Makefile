@@ -8,15 +8,23 @@ export TRANSFORMERS_OFFLINE = 1
 # OpenMP threads sleep instead of spinning while waiting: on a busy 2-core machine spinning made torch 4-50x slower
 export OMP_WAIT_POLICY = PASSIVE
 
-.PHONY: run test setup lint bench clean
+.PHONY: run test setup browser lint bench clean
 run: setup            ## the main job on embedded defaults
 	$(VENV)/bin/dpg run
 
-test: setup           ## lint + the whole test suite
+test: setup browser   ## lint + the whole test suite
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
 
 setup: $(VENV)/.installed
+
+# Chromium from the Debian packages, for the test that opens `dpg report` in a real headless browser
+SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium || { \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q \
+	  --no-install-recommends chromium; }; }
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)

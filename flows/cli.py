@@ -327,6 +327,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from tasks.report import write_report
+
+    url = write_report(open_run(args.run, args.storage_options), track=not args.no_track)
+    print(f"report: {url}" + ("" if "://" in url else f"   open with: xdg-open {os.path.abspath(url)}"))
+    return 0
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Register a workers-mode run's deployments with the Prefect server at PREFECT_API_URL (see infra/README.md)."""
     from dpg.runconfig import load_config
@@ -429,6 +437,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-options", metavar="JSON",
                    help='fsspec options of the store, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\'')
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("report", help="one self-contained HTML report of a run, in its folder and in MLflow")
+    p.add_argument("run", help="the run folder or URL")
+    p.add_argument("--no-track", action="store_true", help="do not log it to the run's MLflow run")
+    p.add_argument("--storage-options", metavar="JSON",
+                   help='fsspec options of the store, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\'')
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("deploy", help="register the Prefect deployments of a run on GPU/CPU work pools (workers mode)")
     p.add_argument("config", nargs="?",

@@ -94,3 +94,36 @@ def test_export_writes_parquet_a_datasets_folder_a_card_and_a_loadable_registere
 
     assert main(["export", path, "--iteration", "9", "--out", str(tmp_path / "x")]) == 2
     assert "is not a finished iteration" in capsys.readouterr().err
+
+
+def test_the_html_report_renders_in_a_real_headless_browser(run, tmp_path):
+    import shutil
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from tasks.tracking import tracking_uri
+
+    cfg, path = run
+    assert main(["report", path]) == 0
+    report = f"{path}/report.html"
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    assert browser, "no Chromium: .ci/run installs the Debian package 'chromium'"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path}/c"]
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, *flags, "--window-size=1200,1600", f"--screenshot={shot}", f"file://{report}"],
+                   check=True, capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    assert pixels.shape == (1600, 1200) and pixels.std() > 10  # not blank: text, plots and patch images
+    assert (pixels < 100).mean() > 0.005  # dark ink somewhere (text, lines)
+    dom = subprocess.run([browser, *flags, "--dump-dom", f"file://{report}"], check=True, capture_output=True,
+                         text=True, timeout=120).stdout
+    for anchor in ('id="curves"', 'id="patches"', 'id="rewards"', 'id="examples"', 'id="verify"', 'id="lineage"'):
+        assert anchor in dom, anchor
+    assert dom.count('src="data:image/png;base64,') >= 4 and cfg.run_id in dom  # curves, 2 patches, histograms
+    assert "http://" not in dom.split("<body")[1] and "https://" not in dom.split("<body")[1]  # self-contained
+    mc = MlflowClient(tracking_uri=tracking_uri(cfg))
+    [mlflow_run] = mc.search_runs([mc.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+                                  f"tags.`dpg.run_id` = '{cfg.run_id}'")
+    assert "report.html" in [a.path for a in mc.list_artifacts(mlflow_run.info.run_id)]
