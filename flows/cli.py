@@ -265,6 +265,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def stage_url_of(cfg, it: int, name: str) -> str:
+    from tasks.stages import stage_url
+
+    return stage_url(cfg, it, name)
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     import json
 
@@ -272,7 +278,40 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise DPGError(f"--top={args.top} is invalid; use an integer >= 1")
-    result = audit(open_run(args.run, args.storage_options), args.iteration, args.top)
+    cfg = open_run(args.run, args.storage_options)
+    if args.generator:
+        from tasks.audit import find_generator, lineage_of
+
+        chain = lineage_of(cfg, find_generator(cfg, args.generator))
+        if args.json:
+            print(json.dumps(chain, indent=1, default=float))
+            return 0
+        print(f"generator {chain['updates'][-1]['version']} of run {chain['run_id']} (config {chain['config_hash']}):")
+        for u in reversed(chain["updates"]):
+            print(f"  {u['version']}  <- iteration {u['iteration']:4d}: {u['rollouts']} rollouts of {u['from_version']}"
+                  f", mean |advantage| {u['mean_abs_advantage']:.3f}, {u['policy_steps']:g} policy steps, code "
+                  f"{u['code']}  {u['records']}")
+        print(f"  base: {chain['base']}")
+        return 0
+    if args.verify:
+        from tasks.audit import audited_iterations, verify
+
+        it = args.iteration if args.iteration is not None else audited_iterations(cfg)[-1]
+        result = verify(cfg, it, subsets=args.subsets)
+        if args.json:
+            print(json.dumps(result, indent=1, default=float))
+            return 0
+        print(f"verify iteration {it} of run {cfg.run_id}: Phi change when examples are left out, actual vs tau's "
+              "first-order prediction (sum over the left-out of -tau), over every SFT group")
+        for name in ("proponents", "opponents", "random"):
+            r = result["summary"][name]
+            label = {"proponents": "the top proponents", "opponents": "the top opponents", "random": "random ones"}
+            print(f"  without {label[name]:18s} actual {r['actual']:11.3e}  predicted {r['predicted']:11.3e}")
+        print(f"  linear datamodeling score (Spearman over {args.subsets} random halves, mean over groups): "
+              f"{result['summary']['lds_mean']:.3f}")
+        print(f"stored in {stage_url_of(cfg, it, 'verify')} and logged to MLflow")
+        return 0
+    result = audit(cfg, args.iteration, args.top)
     if args.json:
         print(json.dumps(result, indent=1, default=float))
         return 0
@@ -421,6 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iteration", type=int, metavar="K", help="one iteration (default: the whole run)")
     p.add_argument("--top", type=int, default=5, metavar="N", help="proponents and opponents to show (default 5)")
     p.add_argument("--json", action="store_true", help="machine-readable: every table as JSON")
+    p.add_argument("--verify", action="store_true",
+                   help="retrain the target without the top/bottom/random examples of each SFT group of --iteration "
+                        "(default: the last) and over --subsets random halves; compare with tau's prediction")
+    p.add_argument("--subsets", type=int, default=20, metavar="N", help="random halves for --verify (default 20)")
+    p.add_argument("--generator", metavar="VERSION", help="the lineage of one generator version, back to the base")
     p.add_argument("--storage-options", metavar="JSON",
                    help='fsspec options of the store, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\'')
     p.set_defaults(func=cmd_audit)

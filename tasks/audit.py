@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from dpg.audit import agreement, iteration_summary, sft_agreement, top_examples
+from dpg.audit import agreement, counterfactuals, iteration_summary, sft_agreement, top_examples
 from dpg.errors import DPGError
 from dpg.runconfig import DPGConfig
 from tasks import io
@@ -17,6 +17,38 @@ def audited_iterations(cfg: DPGConfig) -> list[int]:
     stored = sorted(int(p.rstrip("/").rsplit("iter-", 1)[1]) for p in fs.glob(f"{root}/iter-*")
                     if p.rstrip("/").rsplit("iter-", 1)[1].isdigit())
     return [it for it in stored if done(cfg, stage_url(cfg, it, "rewards"))]
+
+
+def lineage_of(cfg: DPGConfig, it: int) -> dict:
+    """The chain from the base model to the generator that iteration `it`'s update wrote: per update, the
+    iteration, the version it wrote, the rollouts and advantages it learned from, the config and code."""
+    chain = []
+    for k in range(it + 1):
+        manifest = done(cfg, stage_url(cfg, k, "generator"))
+        if manifest is None:
+            raise DPGError(f"the generator of iteration {k} is not stored (finished); resume the run first")
+        records = io.read_table(stage_url(cfg, k, "rewards"), "records.parquet", cfg.storage.storage_options)
+        chain.append({"iteration": k, "version": manifest["meta"]["version"],
+                      "from_version": str(records["generator_version"].iloc[0]), "rollouts": len(records),
+                      "mean_abs_advantage": float(records["advantage"].abs().mean()),
+                      "records": stage_url(cfg, k, "rewards") + "/records.parquet",
+                      "policy_steps": manifest["meta"]["stats"].get("steps"),
+                      "config_hash": manifest["meta"].get("config_hash", cfg.hash),
+                      "code": manifest["meta"].get("code", "unknown")})
+    return {"run_id": cfg.run_id, "config_hash": cfg.hash, "base": cfg.generator.source, "updates": chain}
+
+
+def find_generator(cfg: DPGConfig, version: str) -> int:
+    """The iteration whose update wrote generator `version` (a prefix is enough when it is unique)."""
+    hits = []
+    for it in audited_iterations(cfg):
+        manifest = done(cfg, stage_url(cfg, it, "generator"))
+        if manifest and manifest["meta"]["version"].startswith(version):
+            hits.append(it)
+    if len(hits) != 1:
+        raise DPGError(f"generator version {version!r} is {'ambiguous' if hits else 'not'} in run {cfg.run_id}"
+                       + (f" (iterations {hits})" if hits else "; `dpg audit RUN` lists the versions"))
+    return hits[0]
 
 
 def audit(cfg: DPGConfig, iteration: int | None = None, top: int = 5) -> dict:
@@ -43,3 +75,77 @@ def audit(cfg: DPGConfig, iteration: int | None = None, top: int = 5) -> dict:
     return {"run_id": cfg.run_id, "store": run_url(cfg), "iteration": iteration, "top": top,
             "by_tau": top_examples(records, top, "tau"), "by_advantage": top_examples(records, top, "advantage"),
             "sft_runs": sft, "agreement": agreement(sft), "iterations": summaries}
+
+
+def verify(cfg: DPGConfig, iteration: int, k: int | None = None, subsets: int = 20, track: bool = True) -> dict:
+    """dpg.audit.counterfactuals for every SFT group of `iteration` (k: leave-out size per group, default a
+    quarter of the group), stored as `iter-K/verify` beside the iteration and logged to the run's MLflow run."""
+    import json
+
+    import numpy as np
+
+    from dpg.generator import to_target_examples
+    from dpg.records import Rollout
+    from tasks.stages import code_version, content_digest, read_records, target_for
+
+    if cfg.rewards.name != "dpg":
+        raise DPGError(f"--verify checks metagradient rewards; run {cfg.run_id} has rewards.name="
+                       f"{cfg.rewards.name!r}, whose rewards are not predictions of a Phi change")
+    if iteration not in audited_iterations(cfg):
+        raise DPGError(f"iteration {iteration} of run {cfg.run_id} has no finished rewards stage; nothing to verify")
+    if subsets < 3:
+        raise DPGError(f"--subsets={subsets} is invalid; use an integer >= 3 (a rank correlation needs them)")
+    options = cfg.storage.storage_options
+    rollouts = read_records(cfg, stage_url(cfg, iteration, "rollouts"), "rollouts.parquet", Rollout)
+    taus = io.read_table(stage_url(cfg, iteration, "rewards"), "records.parquet",
+                         options).set_index("example_id")["tau"]
+    model, tokenizer, target = target_for(cfg)
+    groups = []
+    for group in sorted({r.group_id for r in rollouts}):
+        members = [r for r in rollouts if r.group_id == group]
+        ids, mask, _, _ = to_target_examples(members, tokenizer, cfg.sft.max_len)
+        tau = np.array([taus[r.example_id] for r in members], dtype=np.float64)
+        rng = np.random.default_rng([cfg.seed, iteration, group, 0x7e51f7])
+        result = counterfactuals(model, ids, mask, target, cfg.sft, tau, k or max(1, len(members) // 4), subsets,
+                                 rng)
+        result["left_out_ids"] = {name: [members[i].example_id for i in result[name]["left_out"]]
+                                  for name in ("proponents", "opponents", "random")}
+        groups.append({"sft_group": group, **result})
+    summary = {name: {"actual": float(sum(g[name]["actual"] for g in groups)),
+                      "predicted": float(sum(g[name]["predicted"] for g in groups))}
+               for name in ("proponents", "opponents", "random")}
+    summary["lds_mean"] = float(np.nanmean([g["subsets"]["lds"] for g in groups]))
+    out = {"run_id": cfg.run_id, "iteration": iteration, "subsets": subsets, "groups": groups, "summary": summary}
+    url = stage_url(cfg, iteration, "verify")
+    rewards = done(cfg, stage_url(cfg, iteration, "rewards"))
+    inputs = {"config": cfg.hash, f"iter-{iteration:04d}/rewards": content_digest(rewards)}
+    io.write_stage(url, {"verify.json": json.dumps(out, indent=1).encode()},
+                   {"config_hash": cfg.hash, "inputs": inputs, "code": code_version(), "summary": summary}, options)
+    if track:
+        from tasks.tracking import client
+
+        mc = client(cfg)
+        experiment = mc.get_experiment_by_name(cfg.tracking.experiment)
+        found = mc.search_runs([experiment.experiment_id], f"tags.`dpg.run_id` = '{cfg.run_id}'", max_results=1) \
+            if experiment else []
+        if found:
+            run_id = found[0].info.run_id
+            for name in ("proponents", "opponents", "random"):
+                for kind in ("actual", "predicted"):
+                    mc.log_metric(run_id, f"verify_{name}_{kind}", summary[name][kind], step=iteration)
+            mc.log_metric(run_id, "verify_lds", summary["lds_mean"], step=iteration)
+            mc.log_dict(run_id, out, f"verify/iter-{iteration:04d}.json")
+    return out
+
+
+def stored_verify(cfg: DPGConfig) -> list[dict]:
+    """Every iteration's stored verify results, in order."""
+    import json
+
+    out = []
+    for it in audited_iterations(cfg):
+        url = stage_url(cfg, it, "verify")
+        manifest = io.read_manifest(url, cfg.storage.storage_options)
+        if manifest:
+            out.append(json.loads(io.read_file(url, "verify.json", cfg.storage.storage_options, manifest)))
+    return out

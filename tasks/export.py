@@ -10,8 +10,8 @@ from dpg.errors import DPGError
 from dpg.prompts import corpus_licence
 from dpg.runconfig import DPGConfig
 from tasks import io
-from tasks.audit import audited_iterations
-from tasks.stages import code_version, done, generator_at, run_url, stage_url
+from tasks.audit import audited_iterations, lineage_of
+from tasks.stages import code_version, generator_at, run_url, stage_url
 
 COLUMNS = ["example_id", "outer_iteration", "prompt_id", "rollout_index", "source_id", "prompt", "text", "empty",
            "generator_version", "tau", "advantage"]
@@ -94,19 +94,6 @@ def export_dataset(cfg: DPGConfig, spec: str, out: str) -> dict:
     return {"iteration": it, "rows": len(frame), "out": os.path.abspath(out), "metrics": metrics}
 
 
-def lineage_of(cfg: DPGConfig, it: int) -> dict:
-    """The chain from the base model to the generator that iteration `it`'s update wrote."""
-    chain = []
-    for k in range(it + 1):
-        manifest = done(cfg, stage_url(cfg, k, "generator"))
-        if manifest is None:
-            raise DPGError(f"the generator of iteration {k} is not stored (finished); resume the run first")
-        chain.append({"iteration": k, "version": manifest["meta"]["version"],
-                      "rewards": stage_url(cfg, k, "rewards"), "steps": manifest["meta"]["stats"].get("steps")})
-    return {"run_id": cfg.run_id, "config_hash": cfg.hash, "code": code_version(), "base": cfg.generator.source,
-            "updates": chain}
-
-
 def export_generator(cfg: DPGConfig, spec: str, out: str, register: bool = True) -> dict:
     """The generator after iteration K's update, LoRA merged, saved by save_pretrained to `out`/generator; then
     logged to the optimization's MLflow run and registered as model `dpg-<run name>` with its lineage."""
@@ -145,7 +132,7 @@ def register_generator(cfg: DPGConfig, folder: str, lineage: dict) -> dict:
     if not mc.search_registered_models(f"name = '{name}'"):
         mc.create_registered_model(name, description=f"Generators tuned by DPG ({cfg.target.spec})")
     tags = {"dpg.run_id": cfg.run_id, "dpg.iteration": str(last["iteration"]), "dpg.generator_version":
-            last["version"], "dpg.base": lineage["base"], "dpg.code": lineage["code"],
+            last["version"], "dpg.base": lineage["base"], "dpg.code": last["code"],
             "dpg.lineage": " <- ".join(u["version"] for u in reversed(lineage["updates"])) + f" <- {lineage['base']}"}
     mv = mc.create_model_version(name, f"{run.info.artifact_uri}/{path}", run_id=run.info.run_id, tags=tags)
     return {"model": name, "version": mv.version, "tracking_uri": mc.tracking_uri}

@@ -14,7 +14,7 @@ import numpy as np
 
 from dpg.runconfig import DPGConfig
 from tasks import io
-from tasks.audit import audit
+from tasks.audit import audit, stored_verify
 from tasks.stages import done, run_url, stage_url
 from tasks.tracking import _pyplot
 
@@ -91,6 +91,15 @@ def table(rows: list[dict], keys: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def verify_table(results: list[dict]) -> str:
+    if not results:
+        return '<p class="muted">no verify results are stored for this run (dpg audit RUN --verify)</p>'
+    rows = [{"iteration": r["iteration"], **{f"{n} {k}": r["summary"][n][k] for n in ("proponents", "opponents",
+            "random") for k in ("actual", "predicted")}, "LDS": r["summary"]["lds_mean"]} for r in results]
+    return ("<p>Phi change when examples are left out and the target retrained: actual vs tau's first-order "
+            "prediction.</p>" + table(rows, list(rows[0])))
+
+
 def build_report(cfg: DPGConfig, top: int = 5) -> str:
     result = audit(cfg, None, top)
     summaries = result["iterations"]
@@ -125,7 +134,7 @@ def build_report(cfg: DPGConfig, top: int = 5) -> str:
         f"<h3>{top} proponents by tau (pushed Phi up)</h3>", table(result["by_tau"]["proponents"], example_keys),
         f"<h3>{top} opponents by tau (pushed Phi down)</h3>", table(result["by_tau"]["opponents"], example_keys),
         '<h2 id="verify">Counterfactual verification</h2>',
-        '<p class="muted">no verify results are stored for this run</p>',
+        verify_table(stored_verify(cfg)),
         '<h2 id="lineage">Generator lineage</h2>',
         f"<p>base model {html.escape(cfg.generator.source)}, then one update per iteration:</p>",
         table(lineage, ["iteration", "generator version", "policy steps"]),

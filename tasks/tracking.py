@@ -108,6 +108,10 @@ def log_iteration(cfg: DPGConfig, it: int, mlflow_run_id: str, rewards_url: str,
     now = int(time.time() * 1000)
     mc.log_batch(mlflow_run_id, metrics=[Metric(k, float(v), now, it) for k, v in sorted(metrics.items())])
     mc.set_tag(mlflow_run_id, f"dpg.generator.iter-{it:04d}", generator_url)
+    mc.set_tag(mlflow_run_id, "dpg.generator_version", gen["version"])
+    from tasks.audit import lineage_of
+
+    mc.log_dict(mlflow_run_id, lineage_of(cfg, it), "lineage.json")  # the chain back to the base model
     records = io.read_table(rewards_url, "records.parquet", options)
     lists = ["prompt_token_ids", "token_ids", "logprobs", "token_ends", "token_advantages"]  # MLflow cannot type them
     dataset = mlflow.data.from_pandas(records.drop(columns=[c for c in lists if c in records]),

@@ -127,3 +127,30 @@ def test_the_html_report_renders_in_a_real_headless_browser(run, tmp_path):
     [mlflow_run] = mc.search_runs([mc.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
                                   f"tags.`dpg.run_id` = '{cfg.run_id}'")
     assert "report.html" in [a.path for a in mc.list_artifacts(mlflow_run.info.run_id)]
+
+
+def test_verify_retrains_without_the_top_examples_and_agrees_with_tau_at_a_small_lr(
+        prefect_harness, tiny_generator_dir, texts_file, tmp_path, capsys):  # noqa: F811
+    from flows.optimize import optimize
+    from tasks.audit import stored_verify
+
+    cfg = tiny_config(tiny_generator_dir, texts_file, str(tmp_path / "store"), f"sqlite:///{tmp_path}/m.db",
+                      **{"prompts.per_iteration": 6, "sft.microbatch": 2, "sft.lr": 0.01, "outer_iterations": 1})
+    optimize(cfg)
+    path = str(tmp_path / "store" / cfg.run_id)
+    assert main(["audit", path, "--verify", "--subsets", "8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for group in result["groups"]:
+        for name in ("proponents", "opponents", "random"):
+            r = group[name]  # at a small lr Phi is nearly linear in the weights: prediction and retrain agree
+            assert r["actual"] == pytest.approx(r["predicted"], rel=0.05, abs=1e-7), (group["sft_group"], name)
+        p, r, o = (group[n]["actual"] for n in ("proponents", "random", "opponents"))
+        assert p <= r <= o  # the random pick may coincide with either
+        assert group["subsets"]["lds"] > 0.9, group
+    assert stored_verify(cfg)[0]["summary"] == result["summary"]
+
+    version = io.read_manifest(stage_url(cfg, 0, "generator"))["meta"]["version"]
+    assert main(["audit", path, "--generator", version[:8]]) == 0
+    out = capsys.readouterr().out
+    assert f"generator {version}" in out and "iteration    0" in out and "base:" in out
+    assert main(["audit", path, "--generator", "nope"]) == 2
