@@ -13,6 +13,24 @@ import math
 import numpy as np
 import pandas as pd
 
+# The metric a person reads for each target, first match wins, with its better direction (True: higher).
+# `text_share_<code>` is a language share; Phi (higher is better for every target) is the fallback.
+HUMAN_METRICS = (("eval_pixel_accuracy", True), ("eval_l2_norm", False), ("text_share_contains", True),
+                 ("text_edit_distance", False), ("text_share_", True), ("eval_val_loss", False))
+
+
+def human_metric(metrics: dict) -> tuple[str, float, bool] | None:
+    """(key without its eval_ prefix, value, higher_is_better) of the run's human metric in `metrics` (an
+    iteration's eval and text metrics), else Phi's; None when neither is there."""
+    for key, higher in HUMAN_METRICS:
+        if key.endswith("_"):  # a prefix
+            hits = [k for k in sorted(metrics) if k.startswith(key) and k != "text_share_contains"]
+        else:
+            hits = [key] if key in metrics else []
+        if hits:
+            return hits[0].removeprefix("eval_"), float(metrics[hits[0]]), higher
+    return ("phi", float(metrics["eval_phi"]), True) if "eval_phi" in metrics else None
+
 
 def excerpt(text: str, chars: int = 160) -> str:
     text = " ".join(str(text).split())

@@ -186,9 +186,13 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: list[tuple[str, str]],
     return records
 
 
-def is_empty(rollout: Rollout) -> bool:
-    """A completion with no visible text (eos first, or only special tokens / whitespace)."""
-    return not rollout.text.strip()
+def _text(rollout: Rollout | str) -> str:
+    return rollout if isinstance(rollout, str) else rollout.text
+
+
+def is_empty(rollout: Rollout | str) -> bool:
+    """A completion (a Rollout or its text) with no visible text (eos first, or only special tokens / whitespace)."""
+    return not _text(rollout).strip()
 
 
 def _rollout_seed(seed: int, outer_iteration: int, prompt_id: int, rollout_index: int) -> int:
@@ -281,26 +285,27 @@ def sequence_logprobs(model: nn.Module, prompt_ids: list[list[int]], completion_
     return result
 
 
-def target_rows(rollouts: list[Rollout], target_tokenizer, max_len: int) -> list[list[int]]:
-    """The target tokens of each completion as the SFT sees them: retokenised with the target's tokenizer, its eos
-    appended (if it has one), cut at `max_len`; [] for an empty completion."""
+def target_rows(rollouts: list[Rollout] | list[str], target_tokenizer, max_len: int) -> list[list[int]]:
+    """The target tokens of each completion (a Rollout or its text) as the SFT sees them: retokenised with the
+    target's tokenizer, its eos appended (if it has one), cut at `max_len`; [] for an empty completion."""
     eos = target_tokenizer.eos_token_id
     rows = []
     for r in rollouts:
-        ids = [] if is_empty(r) else list(target_tokenizer(r.text)["input_ids"])
+        ids = [] if is_empty(r) else list(target_tokenizer(_text(r))["input_ids"])
         if ids and eos is not None and ids[-1] != eos:
             ids.append(eos)
         rows.append(ids[:max_len])
     return rows
 
 
-def to_target_examples(rollouts: list[Rollout], target_tokenizer, max_len: int
+def to_target_examples(rollouts: list[Rollout] | list[str], target_tokenizer, max_len: int
                        ) -> tuple[Tensor, Tensor, list[bool], list[int]]:
     """Target-model training examples from completions: (input_ids, attention_mask, empty, n_target_tokens).
 
-    Row i is `rollouts[i]`, always. Each completion text is retokenised with the target's tokenizer (its own
-    special tokens, then its eos if it has one), truncated to `max_len` tokens and right-padded to `max_len`
-    with the pad id (else eos, else 0); the mask comes from the lengths, never from "id == pad", and row i has
+    Row i is `rollouts[i]` (a Rollout or its text), always. Each completion text is retokenised with the
+    target's tokenizer (its own special tokens, then its eos if it has one), truncated to `max_len` tokens and
+    right-padded to `max_len` with the pad id (else eos, else 0); the mask comes from the lengths, never from
+    "id == pad", and row i has
     `n_target_tokens[i]` real tokens. An empty completion (`is_empty`, `empty[i]` True) or one with no target
     tokens keeps its slot as a one-token row (the eos, else the pad id; mask 1 at position 0 only): it has no
     predicted token, so its loss l_i is exactly 0 whatever the weights, it adds nothing to any gradient, its

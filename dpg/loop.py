@@ -26,7 +26,7 @@ from torch import nn
 from dpg.advantages import group_advantages
 from dpg.credit import generator_credit, reward_to_go, token_advantages
 from dpg.errors import DPGError
-from dpg.generator import is_empty, sample_rollouts, to_target_examples
+from dpg.generator import is_empty, sample_rollouts, target_rows, to_target_examples
 from dpg.models import load_causal_lm, seeded, stage_seed
 from dpg.policy import policy_update
 from dpg.prompts import DEFAULT_TEMPLATE, build_prompts, load_texts
@@ -166,18 +166,38 @@ def evaluate(cfg: DPGConfig, rollouts: list[Rollout], target_model: nn.Module, t
     pictures of the trained target such as the pattern patch), plus `cfg.target.text_metrics` of the
     completions themselves (dpg.textmetrics: e.g. the share in the goal language).
     """
-    ids, mask, _, _ = to_target_examples(rollouts, target_tokenizer, cfg.sft.max_len)
-    n = len(rollouts) // cfg.sft.step_size * cfg.sft.step_size
-    if n == 0:
-        raise DPGError(f"outer iteration {rollouts[0].outer_iteration}: {len(rollouts)} rollouts are fewer than one "
-                       f"SFT step of sft.microbatch*sft.grad_accum={cfg.sft.step_size}; raise prompts.per_iteration "
-                       "or lower sft.microbatch")
     with seeded(stage_seed(cfg.seed, rollouts[0].outer_iteration, "eval")):
-        trained = train(target_model, ids[:n], mask[:n], cfg.sft)
+        trained = fine_tune(cfg, rollouts, target_model, target_tokenizer, rollouts[0].outer_iteration)
         report = target.report(trained) if hasattr(target, "report") else {"phi": float(target(trained))}
         pictures = target.image(trained) if getattr(target, "image", None) else {}
     texts = text_metrics([r.text for r in rollouts], list(cfg.target.text_metrics))
+    if getattr(target, "token_ids", ()):
+        texts["text_patch_token_share"] = patch_token_share(rollouts, target_tokenizer, cfg.sft.max_len,
+                                                            target.token_ids)
+    n = len(rollouts) // cfg.sft.step_size * cfg.sft.step_size
     return {f"eval_{k}": float(v) for k, v in report.items()} | {"eval_examples": float(n)} | texts, pictures
+
+
+def fine_tune(cfg: DPGConfig, rollouts: list[Rollout] | list[str], target_model: nn.Module, target_tokenizer,
+              outer_iteration: int) -> nn.Module:
+    """The target after a plain SFT (cfg.sft) on the first multiple of microbatch*grad_accum completions (Rollouts
+    or texts, in order), seeded like `evaluate`: `dpg finetune` of an exported dataset gives the eval's model."""
+    ids, mask, _, _ = to_target_examples(rollouts, target_tokenizer, cfg.sft.max_len)
+    n = len(rollouts) // cfg.sft.step_size * cfg.sft.step_size
+    if n == 0:
+        raise DPGError(f"outer iteration {outer_iteration}: {len(rollouts)} completions are fewer than one "
+                       f"SFT step of sft.microbatch*sft.grad_accum={cfg.sft.step_size}; raise prompts.per_iteration "
+                       "or lower sft.microbatch")
+    with seeded(stage_seed(cfg.seed, outer_iteration, "eval")):
+        return train(target_model, ids[:n], mask[:n], cfg.sft)
+
+
+def patch_token_share(rollouts: list[Rollout], target_tokenizer, max_len: int, token_ids) -> float:
+    """Share of the target SFT's label tokens (every real token after the first of each row) that are in
+    `token_ids`: how often the completions write the tokens a pattern patch lives on (0.0 with no labels)."""
+    labels = [t for row in target_rows(rollouts, target_tokenizer, max_len) for t in row[1:]]
+    ids = set(token_ids)
+    return sum(t in ids for t in labels) / len(labels) if labels else 0.0
 
 
 def advantages(cfg: DPGConfig, rollouts: list[Rollout], taus: dict[str, float],

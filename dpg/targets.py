@@ -68,6 +68,9 @@ class Target:
     report: Callable[[nn.Module], dict[str, float]]
     image: Callable[[nn.Module], dict[str, np.ndarray]] | None = None
     """Optional pictures of the model for humans, e.g. {"delta": P − P_initial, "goal": S} for patterns."""
+    token_ids: tuple[int, ...] = ()
+    """Vocabulary ids whose weights the target reads (a pattern's patch columns); their share among the SFT's
+    label tokens is reported as `text_patch_token_share`."""
 
     def __call__(self, model: nn.Module) -> Tensor:
         return self.phi(model)
@@ -225,7 +228,7 @@ def _pattern_target(spec, image, base_model, tokenizer, kappa=20.0, vocab_offset
             P = patch(model)
             return {"delta": (P - P_initial.to(P)).double().cpu().numpy(), "goal": S.double().cpu().numpy()}
 
-    return Target(spec, phi, report, pictures)
+    return Target(spec, phi, report, pictures, tuple(ids))
 
 
 def _default_vocab_offset(spec: str, tokenizer, cols: int, vocab: int) -> int:

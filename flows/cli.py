@@ -234,6 +234,8 @@ def run_status(cfg) -> dict:
 def print_status(cfg, as_json: bool = False) -> None:
     import json
 
+    from dpg.audit import human_metric
+
     status = run_status(cfg)
     if as_json:
         print(json.dumps(status, indent=1, sort_keys=True, default=float))
@@ -243,8 +245,7 @@ def print_status(cfg, as_json: bool = False) -> None:
     for row in status["iterations"]:
         m, stages = row["metrics"], row["stages"]
         finished = [n for n, why in stages.items() if why.startswith("done")]
-        human = next(((k[5:], v) for k, v in m.items() if k.startswith("eval_") and k not in
-                      ("eval_phi", "eval_examples")), None)
+        human = human_metric(m)
         done = "all" if len(finished) == len(stages) else ",".join(s.split("-")[0] for s in finished) or "none"
         print(f"{row['iteration']:4d}  {len(finished)}/{len(stages)} {done[:24]:24s} "
               f"{m.get('eval_phi', float('nan')):13.6g} {(f'{human[0]}={human[1]:.3g}' if human else ''):>24s} "
@@ -366,6 +367,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import json
+
+    from tasks.export import finetune
+
+    result = finetune(args.data, args.out, args.model)
+    if args.json:
+        print(json.dumps(result, indent=1, sort_keys=True))
+        return 0
+    print(f"{result['target_model']} fine-tuned on {result['examples']} examples of {args.data} for {result['target']}")
+    for key in result["after"]:
+        print(f"  {key:>16s} {result['before'][key]:12.6g} -> {result['after'][key]:12.6g}")
+    if "out" in result:
+        print(f"saved to {result['out']} (AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from tasks.report import write_report
 
@@ -472,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a run's synthetic dataset (Parquet, datasets folder, card) or generator")
     p.add_argument("run", help="the run folder or URL")
     p.add_argument("--iteration", default="best", metavar="K",
-                   help="an iteration, last, or best (highest Phi after SFT on its data; default)")
+                   help="an iteration, last, or best (best human metric after SFT on its data; default)")
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
     p.add_argument("--generator", action="store_true",
                    help="also the generator after that iteration's update: LoRA merged, save_pretrained, registered "
@@ -481,6 +499,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-options", metavar="JSON",
                    help='fsspec options of the store, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\'')
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("finetune", help="fine-tune a target on a dataset from `dpg export`, as the run's eval did")
+    p.add_argument("data", help="the folder `dpg export RUN --out DIR` wrote")
+    p.add_argument("--out", metavar="DIR", help="save the tuned target here (save_pretrained)")
+    p.add_argument("--model", metavar="PATH", help="your own target: a Hugging Face model folder (default: the run's)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("report", help="one self-contained HTML report of a run, in its folder and in MLflow")
     p.add_argument("run", help="the run folder or URL")

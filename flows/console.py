@@ -17,6 +17,8 @@ import sys
 import threading
 import time
 
+from dpg.audit import human_metric
+
 OWN = ("dpg", "prefect.flow_runs", "prefect.task_runs")  # get_run_logger() in tasks/ logs to the latter two
 
 
@@ -142,8 +144,7 @@ def describe(cfg, snap: dict, started: float, finished_at_start: int) -> str:
     remaining = cfg.outer_iterations - snap["finished"]
     eta = f"{elapsed / done_here * remaining:.0f} s" if done_here and remaining else "?" if remaining else "0 s"
     m = snap["metrics"]
-    human = next(((k[5:], v) for k, v in m.items() if k.startswith("eval_") and k not in ("eval_phi",
-                                                                                           "eval_examples")), None)
+    human = human_metric(m)
     current = min(snap["finished"] + 1, cfg.outer_iterations)
     parts = [f"iteration {current}/{cfg.outer_iterations}" if remaining else
              f"{cfg.outer_iterations}/{cfg.outer_iterations} iterations done",

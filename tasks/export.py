@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+from dpg.audit import human_metric
 from dpg.errors import DPGError
 from dpg.prompts import corpus_licence
 from dpg.runconfig import DPGConfig
@@ -17,27 +18,22 @@ COLUMNS = ["example_id", "outer_iteration", "prompt_id", "rollout_index", "sourc
            "generator_version", "tau", "advantage"]
 
 
-def human_metric(metrics: dict) -> tuple[str, float] | None:
-    return next(((k[5:], float(v)) for k, v in sorted(metrics.items()) if k.startswith("eval_")
-                 and k not in ("eval_phi", "eval_examples")), None)
-
-
 def report_metrics(cfg: DPGConfig, it: int) -> dict:
     report = io.read_manifest(stage_url(cfg, it, "report"), cfg.storage.storage_options)
     return (report or {"meta": {}})["meta"].get("metrics", {})
 
 
 def resolve_iteration(cfg: DPGConfig, spec: str) -> int:
-    """An iteration number, `last` (the last with finished rewards) or `best` (the highest Phi after SFT on the
-    iteration's data, `eval_phi`: Phi is higher-is-better for every target, a human metric need not be)."""
+    """An iteration number, `last` (the last with finished rewards) or `best` (the best human metric after SFT on
+    the iteration's data, in its own direction: dpg.audit.human_metric; ties go to the earlier iteration)."""
     its = audited_iterations(cfg)
     if not its:
         raise DPGError(f"run {cfg.run_id} at {run_url(cfg)} has no finished rewards stage yet; nothing to export")
     if spec == "last":
         return its[-1]
     if spec == "best":
-        scored = [(report_metrics(cfg, it).get("eval_phi"), it) for it in its]
-        scored = [(phi, it) for phi, it in scored if phi is not None]
+        scored = [(human_metric(report_metrics(cfg, it)), it) for it in its]
+        scored = [(h[1] if h[2] else -h[1], it) for h, it in scored if h is not None]
         if not scored:
             raise DPGError(f"run {cfg.run_id} has no finished report stage, so no iteration is 'best'; "
                            "give --iteration K")
@@ -91,7 +87,37 @@ def export_dataset(cfg: DPGConfig, spec: str, out: str) -> dict:
     metrics = report_metrics(cfg, it)
     with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
         f.write(dataset_card(cfg, it, len(frame), metrics))
+    with open(os.path.join(out, "dpg_config.json"), "w") as f:  # what `dpg finetune` trains with
+        json.dump({"config": cfg.to_dict(), "iteration": it}, f, indent=1)
     return {"iteration": it, "rows": len(frame), "out": os.path.abspath(out), "metrics": metrics}
+
+
+def finetune(folder: str, out: str | None = None, model: str | None = None) -> dict:
+    """Fine-tune a target on an exported dataset (`folder` as `export_dataset` wrote it) as the run's eval stage
+    did: its target model (or `model`, a Hugging Face folder), SFT config and seed. Phi and the human metric
+    before and after; the tuned model saved with save_pretrained to `out` when given."""
+    import pandas as pd
+
+    from dpg.loop import fine_tune
+    from dpg.runconfig import load_config
+    from tasks.stages import target_for
+
+    path = os.path.join(folder, "dpg_config.json")
+    if not os.path.isfile(path):
+        raise DPGError(f"{folder!r} holds no dpg_config.json; give a folder written by `dpg export RUN --out DIR`")
+    with open(path) as f:
+        saved = json.load(f)
+    cfg = load_config(base=saved["config"], overrides=[f"target.model={model}"] if model else [])
+    texts = pd.read_parquet(os.path.join(folder, "data.parquet"))["text"].tolist()
+    target_model, tokenizer, target = target_for(cfg)
+    trained = fine_tune(cfg, texts, target_model, tokenizer, saved["iteration"])
+    result = {"examples": len(texts) // cfg.sft.step_size * cfg.sft.step_size, "target_model": cfg.target.model,
+              "target": cfg.target.spec, "before": target.report(target_model), "after": target.report(trained)}
+    if out:
+        trained.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        result["out"] = os.path.abspath(out)
+    return result
 
 
 def export_generator(cfg: DPGConfig, spec: str, out: str, register: bool = True) -> dict:

@@ -96,6 +96,39 @@ def test_export_writes_parquet_a_datasets_folder_a_card_and_a_loadable_registere
     assert "is not a finished iteration" in capsys.readouterr().err
 
 
+def test_finetune_of_an_export_gives_the_iterations_eval_and_best_is_by_the_human_metric(run, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from dpg.generator import target_rows
+    from tasks.export import report_metrics
+    from tasks.stages import target_for
+
+    cfg, path = run
+    accuracy = {it: report_metrics(cfg, it)["eval_pixel_accuracy"] for it in (0, 1)}
+    best = max(accuracy, key=lambda it: (accuracy[it], -it))
+    assert main(["export", path, "--out", str(tmp_path / "data")]) == 0  # --iteration best is the default
+    assert f"dataset of iteration {best} " in capsys.readouterr().out
+    assert main(["finetune", str(tmp_path / "data"), "--out", str(tmp_path / "tuned"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    stored = report_metrics(cfg, best)
+    assert result["after"] == {"phi": stored["eval_phi"], "pixel_accuracy": stored["eval_pixel_accuracy"]}
+    assert result["examples"] == stored["eval_examples"]
+    _, _, target = target_for(cfg)
+    tuned = AutoModelForCausalLM.from_pretrained(str(tmp_path / "tuned"), attn_implementation="eager")
+    assert target.report(tuned) == result["after"]
+    assert main(["finetune", str(tmp_path)]) == 2
+    assert "holds no dpg_config.json" in capsys.readouterr().err
+
+    # the audit's text statistics include how often the completions write the patch's tokens
+    texts = records(cfg, best)["text"].tolist()
+    labels = [t for row in target_rows(texts, target_for(cfg)[1], cfg.sft.max_len) for t in row[1:]]
+    share = sum(t in set(target.token_ids) for t in labels) / len(labels)
+    assert stored["text_patch_token_share"] == pytest.approx(share) and len(target.token_ids) > 0
+    assert main(["audit", path, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["iterations"][best]
+    assert summary["text_patch_token_share"] == stored["text_patch_token_share"]
+
+
 def test_the_html_report_renders_in_a_real_headless_browser(run, tmp_path):
     import shutil
     import subprocess

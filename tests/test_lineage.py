@@ -214,3 +214,13 @@ def test_kill_9_at_random_moments_then_resume_gives_the_records_of_an_uninterrup
     for it in range(2):
         for name in STAGES[:-1]:
             assert stage_digests(cfg, it, name)[0] == stage_digests(reference, it, name)[0], (kills, it, name)
+
+    from tasks.audit import find_generator, lineage_of
+
+    # lineage across the resumed run: each update learned from the version the one before it wrote, as uninterrupted
+    chain, expected = lineage_of(cfg, 1)["updates"], lineage_of(reference, 1)["updates"]
+    assert [u["from_version"] for u in chain] == ["base", chain[0]["version"]]
+    drop = ("records", "code")
+    assert [{k: v for k, v in u.items() if k not in drop} for u in chain] == \
+        [{k: v for k, v in u.items() if k not in drop} for u in expected]
+    assert find_generator(cfg, chain[1]["version"][:12]) == 1
