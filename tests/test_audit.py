@@ -116,6 +116,11 @@ def test_finetune_of_an_export_gives_the_iterations_eval_and_best_is_by_the_huma
     _, _, target = target_for(cfg)
     tuned = AutoModelForCausalLM.from_pretrained(str(tmp_path / "tuned"), attn_implementation="eager")
     assert target.report(tuned) == result["after"]
+    # your own target: a Hugging Face folder (here the model just tuned), its own patch start
+    assert main(["finetune", str(tmp_path / "data"), "--model", str(tmp_path / "tuned"), "--json"]) == 0
+    own = json.loads(capsys.readouterr().out)
+    assert own["target_model"] == str(tmp_path / "tuned") and own["before"]["pixel_accuracy"] == 0.0
+    assert own["after"]["phi"] != own["before"]["phi"]  # the SFT moved its patch
     assert main(["finetune", str(tmp_path)]) == 2
     assert "holds no dpg_config.json" in capsys.readouterr().err
 
