@@ -98,15 +98,17 @@ def pretrain(model: nn.Module, tokenizer, texts: list[str], steps: int, seed: in
 
 
 def load_target(cfg: DPGConfig, generator_tokenizer) -> tuple[nn.Module, Any, Any]:
-    """(target model, its tokenizer, the target metric Phi); any draw while building them is seeded by cfg.seed.
+    """(target model, its tokenizer, the target metric Phi); any draw while building them is seeded by cfg.seed
+    (a `tiny` target's by target.tiny_seed when it is set).
     A `tiny` target is pretrained on the prompt corpus first when target.tiny_pretrain_steps > 0."""
     t = cfg.target
-    with seeded(cfg.seed):
+    seed = t.tiny_seed if t.model == "tiny" and t.tiny_seed is not None else cfg.seed
+    with seeded(seed):
         if t.model == "tiny":
-            model, tokenizer = small_llama(len(generator_tokenizer), t.tiny_hidden, t.tiny_layers, cfg.seed), \
+            model, tokenizer = small_llama(len(generator_tokenizer), t.tiny_hidden, t.tiny_layers, seed), \
                 generator_tokenizer
             if t.tiny_pretrain_steps:
-                pretrain(model, tokenizer, [text for _, text in corpus(cfg)], t.tiny_pretrain_steps, cfg.seed)
+                pretrain(model, tokenizer, [text for _, text in corpus(cfg)], t.tiny_pretrain_steps, seed)
         else:
             model, tokenizer = load_causal_lm(t.model)
         return model, tokenizer, get_target(t.spec, model, tokenizer, **t.options)

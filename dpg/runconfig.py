@@ -40,6 +40,9 @@ class TargetConfig:
     tiny_pretrain_steps: int = 0
     """AdamW steps of plain LM pretraining of the `tiny` target on the prompt corpus before any SFT (0: it stays
     random). A structured target makes the value of a token stable across batches (RESULTS-reproduce.md)."""
+    tiny_seed: int | None = None
+    """Seed of the `tiny` target's initialisation and pretraining; None: the run's seed. Fix it to compare seeds
+    of the generator and the rollouts on one target, as a pretrained target would be (RESULTS-reproduce.md §5)."""
     text_metrics: list[str] = field(default_factory=lambda: ["length"])
     """Human metrics of the generated texts, logged with the evaluation (dpg.textmetrics): `length`,
     `langid:<code>` (share in that language), `contains:<string>` (share containing it, edit distance)."""
@@ -52,6 +55,8 @@ class TargetConfig:
                      "use an integer >= 1", prefix="target")
         _require(_int(self.tiny_pretrain_steps) and self.tiny_pretrain_steps >= 0, "tiny_pretrain_steps",
                  self.tiny_pretrain_steps, "use an integer >= 0", prefix="target")
+        _require(self.tiny_seed is None or (_int(self.tiny_seed) and self.tiny_seed >= 0), "tiny_seed",
+                 self.tiny_seed, "use an integer >= 0, or leave it out for the run's seed", prefix="target")
         _require(_text(self.model), "model", self.model, "use 'tiny', 'smollm2' or a local model folder",
                  prefix="target")
         _require(isinstance(self.options, dict), "options", self.options, "use a mapping, e.g. {kappa: 1.0}",
@@ -318,6 +323,8 @@ class DPGConfig:
         identity["rollouts"] = {**identity["rollouts"], "seed": self.seed}
         identity["policy"] = {**identity["policy"], "seed": self.seed}
         identity["sft"] = {**identity["sft"], "seed": 0}
+        if identity["target"]["tiny_seed"] is None:  # added after dpg 0.1: its default is absent from old hashes
+            identity["target"] = {k: v for k, v in identity["target"].items() if k != "tiny_seed"}
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     @property

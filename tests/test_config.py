@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 from dpg import SFTConfig
 from dpg.errors import DPGError
@@ -39,7 +40,8 @@ def test_one_seed_drives_every_stage_and_no_section_has_its_own():
     cfg = load_config(None, ["seed=7"])
     assert cfg.rollouts.seed == cfg.policy.seed == 7
     flat = cfg.flat()
-    assert [k for k in flat if k.endswith("seed")] == ["seed"]
+    # target.tiny_seed names which tiny target (like a model folder would), it draws nothing during the run
+    assert [k for k in flat if k.endswith("seed")] == ["seed", "target.tiny_seed"]
     assert load_config(None, ["seed=7", "rollouts.seed=7"]) == cfg  # old grids spelled it out: still the same run
     with pytest.raises(DPGError, match=r"rollouts.seed=3 differs from seed=7: a run has one seed"):
         load_config(None, ["seed=7", "rollouts.seed=3"])
@@ -55,3 +57,23 @@ def test_run_ids_stay_those_that_stored_runs_have():
     # computed by dpg before one-seed (commit 389f6fe): the main job, and a grid cell that set every seed to 3
     assert load_config(None).run_id == "dpg-73cafac66214"
     assert load_config("experiments/pattern-67.yaml", ["seed=3"]).run_id == "pattern-67-c408d24c3a0d"
+
+
+def test_a_fixed_tiny_target_seed_keeps_the_target_when_the_run_seed_changes():
+    from dpg.loop import load_target
+    from dpg.toy import toy_tokenizer, toy_vocabulary
+
+    tokenizer = toy_tokenizer(toy_vocabulary(("wiki-vital",), 64))
+    base = ["target.tiny_hidden=8", "target.tiny_layers=1", "prompts.per_iteration=4"]
+
+    def weights(*overrides):
+        model, _, _ = load_target(load_config("experiments/pattern-67.yaml", base + list(overrides)), tokenizer)
+        return model.lm_head.weight
+
+    fixed = weights("seed=1", "target.tiny_seed=5", "target.tiny_pretrain_steps=0")
+    assert torch.equal(fixed, weights("seed=2", "target.tiny_seed=5", "target.tiny_pretrain_steps=0"))
+    assert torch.equal(fixed, weights("seed=5", "target.tiny_pretrain_steps=0"))
+    assert not torch.equal(fixed, weights("seed=1", "target.tiny_pretrain_steps=0"))
+    with pytest.raises(DPGError, match="target.tiny_seed"):
+        load_config(None, ["target.tiny_seed=-1"])
+    assert load_config(None, ["target.tiny_seed=3"]).hash != load_config(None).hash
