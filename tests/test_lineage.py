@@ -169,6 +169,7 @@ def test_kill_9_at_random_moments_then_resume_gives_the_records_of_an_uninterrup
     lock stays): the finished run's stages are byte-identical to a run never interrupted."""
     import os
     import random
+    import signal
     import subprocess
     import sys
     import time
@@ -194,14 +195,14 @@ def test_kill_9_at_random_moments_then_resume_gives_the_records_of_an_uninterrup
     kills = []
     for after in sorted(rng.sample(range(1, total - 1), 3)):  # stages finished before the kill
         process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 300
         while process.poll() is None and len(list(store.rglob("manifest.json"))) < after:
             assert time.monotonic() < deadline, "the run made no progress"
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 0.3))
-        if process.poll() is None:
-            process.kill()
+        if process.poll() is None:  # the whole group: its ephemeral Prefect server would outlive it as an orphan
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             kills.append((len(list(store.rglob("manifest.json"))), read_lock(run_url(cfg)) is not None))
         process.wait()
