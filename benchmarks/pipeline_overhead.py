@@ -200,14 +200,13 @@ def one(name: str, repeats: int, iterations: int) -> dict:
     from dpg.runconfig import load_config
     from flows.optimize import optimize
     from tasks import io
-    from tasks.stages import _base_generator, stage_url, target_for
+    from tasks.stages import base_generator, stage_url, target_for
 
     measured, cheap = overrides(name, work, iterations)
     cfg = load_config(None, measured)
-    g = cfg.generator
 
     t0 = time.perf_counter()
-    base, tokenizer = _base_generator(g.source, g.lora_rank, g.lora_alpha)
+    base, tokenizer = base_generator(cfg)
     target_model, target_tokenizer, target = target_for(cfg)
     load_s = time.perf_counter() - t0
 

@@ -19,7 +19,7 @@ CHOICES = {
     "optimizer": ("sgd", "adamw"),
     "loss_normalization": ("max_len", "tokens"),
     "dtype": tuple(DTYPES),
-    "checkpoint": ("disk", "recompute"),
+    "checkpoint": ("disk", "host", "recompute"),
     "reverse": ("forward_over_reverse", "reverse_over_forward", "double_backward"),
 }
 
@@ -51,8 +51,9 @@ class SFTConfig:
     dtype: str = "float32"
     """Dtype of weights, optimizer state and adjoints (float64 for exactness checks)."""
     checkpoint: str = "disk"
-    """`disk`: every (theta_t, state_t, g_t) goes to disk, memory flat in T. `recompute`: every k-th step
-    stays in memory and the others are recomputed in the reverse pass."""
+    """`disk`: every (theta_t, state_t, g_t) goes to disk, memory flat in T. `host`: they stay in host memory
+    (pinned, copied asynchronously from and to a CUDA device; host memory grows with T). `recompute`: every k-th
+    step stays in memory and the others are recomputed in the reverse pass."""
     checkpoint_every: int | None = None
     """k for `recompute` (None: ceil(sqrt(T)))."""
     checkpoint_dir: str | None = None

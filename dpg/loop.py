@@ -84,12 +84,13 @@ def pretrain(model: nn.Module, tokenizer, texts: list[str], steps: int, seed: in
     if len(stream) <= length:
         raise DPGError(f"target.tiny_pretrain_steps needs more than {length} tokens of prompt corpus; "
                        f"it has {len(stream)}")
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # windows are drawn on the CPU: the same on every device
+    device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
         starts = torch.randint(0, len(stream) - length, (batch,), generator=g)
-        x = torch.stack([stream[a:a + length] for a in starts.tolist()])  # (batch, length)
+        x = torch.stack([stream[a:a + length] for a in starts.tolist()]).to(device)  # (batch, length)
         loss = model(input_ids=x, labels=x).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -97,20 +98,23 @@ def pretrain(model: nn.Module, tokenizer, texts: list[str], steps: int, seed: in
     return model.eval()
 
 
-def load_target(cfg: DPGConfig, generator_tokenizer) -> tuple[nn.Module, Any, Any]:
-    """(target model, its tokenizer, the target metric Phi); any draw while building them is seeded by cfg.seed
-    (a `tiny` target's by target.tiny_seed when it is set).
+def load_target(cfg: DPGConfig, generator_tokenizer, device: torch.device | str = "cpu"
+                ) -> tuple[nn.Module, Any, Any]:
+    """(target model on `device`, its tokenizer, the target metric Phi); any draw while building them is seeded
+    by cfg.seed (a `tiny` target's by target.tiny_seed when it is set); the weights are drawn on the CPU, so a
+    `tiny` target starts the same on every device.
     A `tiny` target is pretrained on the prompt corpus first when target.tiny_pretrain_steps > 0."""
     t = cfg.target
     seed = t.tiny_seed if t.model == "tiny" and t.tiny_seed is not None else cfg.seed
     with seeded(seed):
         if t.model == "tiny":
-            model, tokenizer = small_llama(len(generator_tokenizer), t.tiny_hidden, t.tiny_layers, seed), \
+            model, tokenizer = small_llama(len(generator_tokenizer), t.tiny_hidden, t.tiny_layers, seed).to(device), \
                 generator_tokenizer
             if t.tiny_pretrain_steps:
                 pretrain(model, tokenizer, [text for _, text in corpus(cfg)], t.tiny_pretrain_steps, seed)
         else:
             model, tokenizer = load_causal_lm(t.model)
+            model = model.to(device)
         return model, tokenizer, get_target(t.spec, model, tokenizer, **t.options)
 
 

@@ -35,6 +35,7 @@ from dpg.errors import DPGError
 from dpg.optim import Optimizer, Params, State, state_tensors, with_tensors
 from dpg.sft import (
     Batch,
+    FiniteChecks,
     Progress,
     check_finite,
     grads,
@@ -111,18 +112,62 @@ class DiskStore:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class HostStore:
+    """Checkpoints in host memory: from a CUDA device into pinned buffers by asynchronous copies (and back the
+    same way), so the device holds one step at a time; on the CPU they are kept as they are. Host memory grows
+    with T."""
+
+    def __init__(self) -> None:
+        self.kept: dict[int, dict] = {}
+        self.device: torch.device | None = None
+
+    def put(self, t: int, c: Checkpoint) -> None:
+        blob = {"theta": c.theta, "count": c.state.count, "moments": state_tensors(c.state), "g": c.g}
+        self.kept[t] = _map_tensors(blob, self._to_host)
+
+    def get(self, t: int, like: State) -> Checkpoint:
+        blob = _map_tensors(self.kept.pop(t), self._to_device)
+        return Checkpoint(blob["theta"], type(like)(blob["count"], *blob["moments"]), blob["g"])
+
+    def _to_host(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu":
+            return x
+        self.device = x.device
+        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        return host.copy_(x, non_blocking=True)
+
+    def _to_device(self, x: Tensor) -> Tensor:
+        return x if self.device is None else x.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        self.kept.clear()
+
+
+def _map_tensors(x, fn):
+    """`fn` on every tensor of nested dicts, tuples and lists (other leaves as they are)."""
+    if torch.is_tensor(x):
+        return fn(x)
+    if isinstance(x, dict):
+        return {k: _map_tensors(v, fn) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_map_tensors(v, fn) for v in x)
+    return x
+
+
 def unrolled_sft(work: nn.Module, theta: Params, batch: Batch, config: SFTConfig, opt: Optimizer,
                  save: Callable[[int, Checkpoint], None], progress: Progress | None = None) -> Params:
     """Phase 1: the T steps of SFT, handing (theta_t, state_t, g_t) of every step to `save`."""
     state = opt.init(theta)
     total = config.inner_steps(batch.input_ids.shape[0])
+    checks = FiniteChecks()
     for t, rows in steps(batch, config):
         g = step_grad(work, theta, batch, rows, config)
-        check_finite(g, f"gradient at inner step {t}")
+        checks.add(g, f"gradient at inner step {t}")
         save(t, Checkpoint(theta, state, g))
         theta, state = opt.update(theta, state, g)
         if progress:
             progress("forward", t + 1, total)
+    checks.raise_first()
     return theta
 
 
@@ -203,12 +248,13 @@ def sweep(work: nn.Module, theta: Params, batch: Batch, rows: slice, u: Params, 
 
 
 def reverse_step(work: nn.Module, opt: Optimizer, c: Checkpoint, adj: Adjoint, batch: Batch, rows: slice,
-                 config: SFTConfig, t: int) -> tuple[Adjoint, Tensor]:
+                 config: SFTConfig, t: int, checks: FiniteChecks | None = None) -> tuple[Adjoint, Tensor]:
     """Phase 3, one step: adjoint of (theta_{t+1}, state_{t+1}) -> adjoint at t, and tau for step t's rows."""
     adj, u = optimizer_vjp(opt, c, adj)
     hvp, ldot = sweep(work, c.theta, batch, rows, u, config, need_hvp=t > 0)
     theta = adj.theta if hvp is None else {k: adj.theta[k] + hvp[k] for k in adj.theta}
-    check_finite(theta, f"adjoint at inner step {t} (reverse pass)")
+    what = f"adjoint at inner step {t} (reverse pass)"
+    check_finite(theta, what) if checks is None else checks.add(theta, what)
     return Adjoint(theta, adj.moments), ldot.double() / config.microbatch
 
 
@@ -225,7 +271,8 @@ def metagradients(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, t
     total = config.inner_steps(batch.input_ids.shape[0])
     with torch.no_grad():
         report_before = _report(target, work)
-    store = DiskStore(config.checkpoint_dir) if config.checkpoint == "disk" else None
+    store = DiskStore(config.checkpoint_dir) if config.checkpoint == "disk" else \
+        HostStore() if config.checkpoint == "host" else None
     k = config.recompute_every(total)
     kept: dict[int, Checkpoint] = {}
 
@@ -243,8 +290,10 @@ def metagradients(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, t
         adj = Adjoint(a, tuple({key: torch.zeros_like(v) for key, v in m.items()}
                                for m in state_tensors(opt.init(theta_T))))
         del theta_T, a
-        scores = torch.zeros(tuple(batch.weights.shape), dtype=torch.float64)  # (n,) or (n, L) per token
+        # (n,) or (n, L) per token; on the model's device, so the loop never waits for the host
+        scores = torch.zeros(tuple(batch.weights.shape), dtype=torch.float64, device=batch.weights.device)
         rows_of = dict(steps(batch, config))
+        checks = FiniteChecks()
         done = 0
         for start in reversed(range(0, total, 1 if store else k)):
             if store:
@@ -257,15 +306,16 @@ def metagradients(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, t
                     c = Checkpoint(*opt.update(c.theta, c.state, g), None)
             while segment:  # pop, so each step's checkpoint is freed once reversed
                 t, c = segment.pop()
-                adj, tau_t = reverse_step(work, opt, c, adj, batch, rows_of[t], config, t)
-                scores[rows_of[t]] += tau_t.cpu()
+                adj, tau_t = reverse_step(work, opt, c, adj, batch, rows_of[t], config, t, checks)
+                scores[rows_of[t]] += tau_t
                 done += 1
                 if progress:
                     progress("reverse", done, total)
+        checks.raise_first()
     finally:
         if store:
             store.close()
-    return MetagradResult(scores, report_before["phi"], value_after, report_before, report_after, total)
+    return MetagradResult(scores.cpu(), report_before["phi"], value_after, report_before, report_after, total)
 
 
 def _report(target: Target, work: nn.Module) -> dict[str, float]:

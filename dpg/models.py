@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,28 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)
         yield
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` (the first CUDA device where there is one, else the CPU), `cpu`, `cuda` or `cuda:k`.
+
+    Asking for a CUDA device this machine does not have is one DPGError, not a silent fall-back to the CPU.
+    """
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", str(name))
+    if not match:
+        raise DPGError(f"execution.device={name!r} is not a device; use auto, cpu, cuda or cuda:k")
+    if not torch.cuda.is_available():
+        raise DPGError(f"execution.device={name!r}, but this machine has no CUDA device (torch {torch.__version__}, "
+                       f"CUDA build {torch.version.cuda}); use execution.device=auto or cpu")
+    k, count = int(match[1] or 0), torch.cuda.device_count()
+    if k >= count:
+        raise DPGError(f"execution.device={name!r}, but this process sees {count} CUDA device(s) (cuda:0..cuda:"
+                       f"{count - 1}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    return torch.device(f"cuda:{k}")
 
 
 def stage_seed(seed: int, outer_iteration: int, stage: str) -> int:

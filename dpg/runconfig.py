@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,10 +216,15 @@ class ExecutionConfig:
     """Work pool of the SFT/attribution and generator-update stages in `workers` mode."""
     cpu_pool: str = "dpg-cpu"
     """Work pool of the optimization flow itself."""
+    device: str = "auto"
+    """Where the stages put their models and batches: `auto` (CUDA where the stage's process has it, else the
+    CPU), `cpu`, `cuda` or `cuda:k`. Each stage resolves it on the machine it runs on (dpg.models.resolve_device)."""
 
     def __post_init__(self) -> None:
         _require(self.mode in ("inline", "workers"), "mode", self.mode, "use 'inline' or 'workers'",
                  prefix="execution")
+        _require(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+                 "device", self.device, "use auto, cpu, cuda or cuda:k", prefix="execution")
 
 
 def _text(x: Any, optional: bool = False) -> bool:

@@ -124,12 +124,39 @@ def step_grad(model: nn.Module, theta: Params, batch: Batch, rows: slice, config
 
 
 def check_finite(tensors: Params, what: str) -> None:
-    if torch.stack([torch.isfinite(v).all() for v in tensors.values()]).all():  # one device sync
-        return
-    for k, v in tensors.items():
-        if not torch.isfinite(v).all():
-            raise DPGError(f"non-finite {what} in parameter {k}; "
-                           "lower sft.lr, use float32/float64, or check the data")
+    checks = FiniteChecks()
+    checks.add(tensors, what)
+    checks.raise_first()
+
+
+class FiniteChecks:
+    """The finite checks of a loop, batched: on a CUDA device each check stays there and `raise_first` syncs
+    the host once; on the CPU (where a sync is free) a failing check raises at once."""
+
+    def __init__(self) -> None:
+        self.flags: list[Tensor] = []
+        self.names: list[tuple[str, list[str]]] = []
+
+    def add(self, tensors: Params, what: str) -> None:
+        self.flags.append(torch.stack([torch.isfinite(v).all() for v in tensors.values()]))
+        self.names.append((what, list(tensors)))
+        if self.flags[-1].device.type == "cpu":
+            self.raise_first()
+
+    def raise_first(self) -> None:
+        """One DPGError naming the first non-finite check and parameter, if any; then start afresh."""
+        if not self.flags:
+            return
+        flags, names = torch.cat(self.flags), self.names
+        self.flags, self.names = [], []
+        if bool(flags.all()):  # the one device sync
+            return
+        first = int((~flags).nonzero()[0])
+        for what, keys in names:
+            if first < len(keys):
+                raise DPGError(f"non-finite {what} in parameter {keys[first]}; "
+                               "lower sft.lr, use float32/float64, or check the data")
+            first -= len(keys)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -167,10 +194,12 @@ def train(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, config: S
     opt = make_optimizer(config)
     state = opt.init(theta)
     total = config.inner_steps(batch.input_ids.shape[0])
+    checks = FiniteChecks()
     for t, rows in steps(batch, config):
         g = step_grad(work, theta, batch, rows, config)
-        check_finite(g, f"gradient at inner step {t}")
+        checks.add(g, f"gradient at inner step {t}")
         theta, state = opt.update(theta, state, g)
         if progress:
             progress("train", t + 1, total)
+    checks.raise_first()
     return load_weights(work, theta)

@@ -161,8 +161,26 @@ def run_flow(cfg, args: argparse.Namespace) -> int:
     with progress(cfg, console):
         optimize(cfg, force=args.force)
     print_status(cfg)
+    print_plots(cfg)
     print(f"\ndone in {time.perf_counter() - t0:.0f} s; log {LOG['path']}", file=sys.stderr)
     return 0
+
+
+def print_plots(cfg) -> None:
+    """Where to look: the HTML report (Phi curve, LM-head patches, top examples) and the plots in MLflow."""
+    from tasks.report import write_report
+    from tasks.tracking import client, find_run, plot_artifacts
+
+    print(report_line(write_report(cfg)))
+    mlflow_run_id = find_run(cfg)
+    if mlflow_run_id:
+        where = client(cfg).get_run(mlflow_run_id).info.artifact_uri
+        print(f"MLflow run {mlflow_run_id}, artifacts in {where}: "
+              f"{', '.join([*plot_artifacts(cfg, mlflow_run_id), 'report.html'])}")
+
+
+def report_line(url: str) -> str:
+    return f"report: {url}" + ("" if "://" in url else f"   open with: xdg-open {os.path.abspath(url)}")
 
 
 def open_run(path: str, storage_options: str | None = None):
@@ -387,8 +405,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from tasks.report import write_report
 
-    url = write_report(open_run(args.run, args.storage_options), track=not args.no_track)
-    print(f"report: {url}" + ("" if "://" in url else f"   open with: xdg-open {os.path.abspath(url)}"))
+    print(report_line(write_report(open_run(args.run, args.storage_options), track=not args.no_track)))
     return 0
 
 

@@ -4,6 +4,9 @@
 #   infra/start-workers.sh                 # both pools on this machine
 #   POOLS=dpg-gpu GPU_WORKERS=4 infra/start-workers.sh
 #                                          # a GPU machine: 4 GPU workers, one per GPU (CUDA_VISIBLE_DEVICES=0..3)
+#   POOLS=dpg-gpu GPU_IDS="2 3" infra/start-workers.sh   # one worker on GPU 2, one on GPU 3
+# Each GPU worker sees exactly one device (CUDA_VISIBLE_DEVICES) and runs one flow run at a time, so its stages'
+# execution.device=auto (or cuda) is that device. On a machine without CUDA the stages run on its CPU.
 # Every worker runs flows from this checkout (DPG_REPO) and must see the run's storage.url: s3://... or a shared
 # folder mounted at the same absolute path on every machine.
 set -euo pipefail
@@ -13,6 +16,7 @@ CPU_POOL="${CPU_POOL:-dpg-cpu}"
 GPU_POOL="${GPU_POOL:-dpg-gpu}"
 POOLS="${POOLS:-$CPU_POOL $GPU_POOL}"
 GPU_WORKERS="${GPU_WORKERS:-1}"
+GPU_IDS="${GPU_IDS:-$(seq -s ' ' 0 $((GPU_WORKERS - 1)))}"
 : "${PREFECT_API_URL:?export PREFECT_API_URL=http://127.0.0.1:4200/api (the server of infra/start-prefect-server.sh)}"
 export DPG_REPO="$REPO"  # read by the pull step of infra/prefect.yaml
 export PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -36,8 +40,8 @@ for pool in $POOLS; do
   if ! "$PREFECT" work-pool inspect "$pool" >/dev/null 2>&1; then
     "$PREFECT" work-pool create "$pool" --type process
   fi
-  if [ "$pool" = "$GPU_POOL" ] && [ "$GPU_WORKERS" -gt 1 ]; then
-    for ((gpu = 0; gpu < GPU_WORKERS; gpu++)); do  # one flow run at a time per GPU
+  if [ "$pool" = "$GPU_POOL" ]; then
+    for gpu in $GPU_IDS; do  # one device and one flow run at a time per worker
       CUDA_VISIBLE_DEVICES=$gpu "$PREFECT" worker start --pool "$pool" --name "$(hostname)-$pool-$gpu" --limit 1 &
       pids+=($!)
     done

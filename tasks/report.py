@@ -152,16 +152,13 @@ def write_report(cfg: DPGConfig, track: bool = True) -> str:
     url = io.join(run_url(cfg), "report.html")
     io.write_bytes(url, text.encode(), cfg.storage.storage_options)
     if track:
-        from tasks.tracking import client
+        from tasks.tracking import client, find_run
 
-        mc = client(cfg)
-        experiment = mc.get_experiment_by_name(cfg.tracking.experiment)
-        found = mc.search_runs([experiment.experiment_id], f"tags.`dpg.run_id` = '{cfg.run_id}'", max_results=1) \
-            if experiment else []
-        if found:
+        mlflow_run_id = find_run(cfg)
+        if mlflow_run_id:
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "report.html")
                 with open(path, "w", encoding="utf-8") as f:
                     f.write(text)
-                mc.log_artifact(found[0].info.run_id, path)
+                client(cfg).log_artifact(mlflow_run_id, path)
     return url

@@ -34,7 +34,7 @@ from prefect.cache_policies import NO_CACHE
 from dpg import loop
 from dpg.errors import DPGError
 from dpg.generator import load_generator, target_rows
-from dpg.models import seeded
+from dpg.models import resolve_device, seeded
 from dpg.policy import load_policy_state, policy_optimizer, save_policy_state
 from dpg.records import Reward, Rollout, SFTRun, as_rows
 from dpg.runconfig import NOT_IDENTITY, DPGConfig, differing_keys
@@ -161,25 +161,37 @@ def prepare_run(cfg: DPGConfig) -> str:
 # --- models, cached per process (loading SmolLM2 from GGUF takes ~20 s) ---------------------------------
 
 
+def stage_device(cfg: DPGConfig) -> str:
+    """execution.device resolved in this process (each worker resolves `auto` on its own machine)."""
+    return str(resolve_device(cfg.execution.device))
+
+
 @functools.lru_cache(maxsize=2)
-def _base_generator(source: str, lora_rank: int | None, lora_alpha: float | None, seed: int = 0, toy: str = "{}"):
-    """The initial generator; its LoRA adapters (and a toy's weights) are drawn from `seed`, the run's seed."""
-    return load_generator(source, lora_rank, lora_alpha, seed=seed, toy=json.loads(toy))
+def _base_generator(source: str, lora_rank: int | None, lora_alpha: float | None, seed: int = 0, toy: str = "{}",
+                    device: str = "cpu"):
+    """The initial generator on `device`; its LoRA adapters (and a toy's weights) are drawn on the CPU from `seed`,
+    the run's seed."""
+    model, tokenizer = load_generator(source, lora_rank, lora_alpha, seed=seed, toy=json.loads(toy))
+    return model.to(device), tokenizer
 
 
-def base_generator(cfg: DPGConfig):
+def base_generator(cfg: DPGConfig, device: str | None = None):
+    """(generator, tokenizer) before any update, on `device` (None: execution.device)."""
     g = cfg.generator
-    return _base_generator(g.source, g.lora_rank, g.lora_alpha, cfg.seed, json.dumps(g.toy, sort_keys=True))
+    return _base_generator(g.source, g.lora_rank, g.lora_alpha, cfg.seed, json.dumps(g.toy, sort_keys=True),
+                           device or stage_device(cfg))
 
 
 @functools.lru_cache(maxsize=2)
-def _target(cfg_json: str):
+def _target(cfg_json: str, device: str):
     cfg = DPGConfig.from_dict(json.loads(cfg_json))
-    return loop.load_target(cfg, base_generator(cfg)[1])
+    return loop.load_target(cfg, base_generator(cfg, device)[1], device)
 
 
-def target_for(cfg: DPGConfig):
-    return _target(json.dumps({k: cfg.to_dict()[k] for k in ("seed", "target", "generator")}, sort_keys=True))
+def target_for(cfg: DPGConfig, device: str | None = None):
+    """(target model, tokenizer, Phi) on `device` (None: execution.device), cached for this process."""
+    return _target(json.dumps({k: cfg.to_dict()[k] for k in ("seed", "target", "generator")}, sort_keys=True),
+                   device or stage_device(cfg))
 
 
 def generator_at(cfg: DPGConfig, it: int):
@@ -237,10 +249,11 @@ def preflight(cfg: DPGConfig, models: bool = True) -> None:
         raise DPGError(f"prompts.source={cfg.prompts.source!r} holds no text in column "
                        f"{cfg.prompts.text_column!r}; give a corpus with at least one non-blank text")
     text_metrics(["a probe text"], list(cfg.target.text_metrics))
-    if models:
-        _, tokenizer = base_generator(cfg)
+    if models:  # inline, the stages of this process use these; a worker resolves execution.device itself
+        device = stage_device(cfg) if cfg.execution.mode == "inline" else "cpu"
+        _, tokenizer = base_generator(cfg, device)
         loop.select_prompts(cfg, 0, tokenizer)  # the template's slot, max_prompt_tokens
-        _, target_tokenizer, _ = target_for(cfg)
+        _, target_tokenizer, _ = target_for(cfg, device)
         if cfg.target.model == "tiny" or target_tokenizer is tokenizer:  # one tokenizer: the bound is exact
             extra = len(target_tokenizer("a")["input_ids"]) - len(target_tokenizer("a", add_special_tokens=False)[
                 "input_ids"]) + int(target_tokenizer.eos_token_id is not None)

@@ -40,6 +40,23 @@ def client(cfg: DPGConfig):
     return MlflowClient(tracking_uri=tracking_uri(cfg))
 
 
+def find_run(cfg: DPGConfig) -> str | None:
+    """The id of the MLflow run that tracks this optimization (its `dpg.run_id` tag), or None."""
+    mc = client(cfg)
+    experiment = mc.get_experiment_by_name(cfg.tracking.experiment)
+    found = mc.search_runs([experiment.experiment_id], f"tags.`dpg.run_id` = '{cfg.run_id}'", max_results=1) \
+        if experiment else []
+    return found[0].info.run_id if found else None
+
+
+def plot_artifacts(cfg: DPGConfig, mlflow_run_id: str) -> list[str]:
+    """The run's plots in MLflow: the Phi curve and the last LM-head patch image, where logged."""
+    mc = client(cfg)
+    top = [a.path for a in mc.list_artifacts(mlflow_run_id)]
+    patches = sorted(a.path for a in mc.list_artifacts(mlflow_run_id, "patches")) if "patches" in top else []
+    return [p for p in top if p.endswith(".png")] + patches[-1:]
+
+
 def git_sha() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,

@@ -1,11 +1,16 @@
 """Shared test helpers: tiny models and data built in code, a word-level tokenizer, the float64 patch."""
 
+import os
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from dpg.exact import float64_llama  # noqa: F401
+
+# The device of the exactness tests: the CPU here and in CI; DPG_TEST_DEVICE=cuda runs them unchanged on a GPU.
+DEVICE = os.environ.get("DPG_TEST_DEVICE", "cpu")
 
 WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away", "from", "home", "and", "then",
          "came", "back"]

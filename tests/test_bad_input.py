@@ -59,6 +59,8 @@ def cases(files: Path) -> list[tuple[list[str], str]]:
         (["tracking.uri=notascheme://x"], "notascheme://x"),
         (["tracking.uri=http://127.0.0.1:9"], "http://127.0.0.1:9"),
         (["outer_iterations=0"], "outer_iterations"),
+        (["execution.device=tpu"], "execution.device"),
+        (["execution.device=cuda:99"], "execution.device='cuda:99', but this "),  # no CUDA, or not 100 devices
     ]
 
 

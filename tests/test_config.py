@@ -77,3 +77,21 @@ def test_a_fixed_tiny_target_seed_keeps_the_target_when_the_run_seed_changes():
     with pytest.raises(DPGError, match="target.tiny_seed"):
         load_config(None, ["target.tiny_seed=-1"])
     assert load_config(None, ["target.tiny_seed=3"]).hash != load_config(None).hash
+
+
+def test_the_device_resolves_where_the_stage_runs_and_a_missing_one_is_one_clear_error():
+    from dpg.models import resolve_device
+    from tasks.stages import stage_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert stage_device(DPGConfig()) == str(resolve_device("auto"))  # `auto` is the default
+    assert load_config(None, ["execution.device=cuda:3"]).execution.device == "cuda:3"  # checked where it runs
+    with pytest.raises(DPGError, match="execution.device='gpu'"):
+        load_config(None, ["execution.device=gpu"])
+    if not torch.cuda.is_available():
+        with pytest.raises(DPGError, match="no CUDA device"):
+            resolve_device("cuda")
+    with pytest.raises(DPGError, match=r"cuda:99"):
+        resolve_device("cuda:99")
+    assert load_config(None, ["execution.device=cpu"]).run_id == load_config(None).run_id  # a run moves devices

@@ -44,4 +44,10 @@ def test_on_a_terminal_the_run_shows_a_live_line_then_the_final_table(tiny_gener
     assert "\x1b[?25l" in raw  # rich's Live hides the cursor while it redraws the line: a live view, not a log
     assert re.search(rf"{cfg.run_id} iteration [12]/2 \| stage \S+ \| elapsed \d+ s", text), text[-3000:]
     assert "2/2 iterations done" in text and "pixel_accuracy" in text, text[-3000:]
+    report = re.search(r"report: (\S+report\.html)", text)
+    assert report and os.path.getsize(report[1]) > 10_000, text[-3000:]  # the Phi curve and patches, inline
+    artifacts = re.search(r"MLflow run \w+, artifacts in (\S+): (.+)", text)
+    assert artifacts, text[-3000:]
+    for name in ("phi_over_iterations.png", "patches/patch_iter_0001.png", "report.html"):
+        assert name in artifacts[2] and os.path.exists(os.path.join(artifacts[1].removeprefix("file://"), name))
     assert "Traceback" not in text and "INFO" not in text, text[-3000:]

@@ -1,4 +1,4 @@
-"""Exactness of the metagradient engine (float64, tiny random models, CPU).
+"""Exactness of the metagradient engine (float64, tiny random models on conftest.DEVICE: the CPU, or a GPU).
 
 Relative error is normwise: max_i |tau_i - fd_i| / max_i |fd_i|, fd the four-point central difference
 (h = 1e-4) of Phi(train(w + h e_i)); see PITFALLS for why AdamW uses eps_root = 1e-6 here.
@@ -6,14 +6,19 @@ Relative error is normwise: max_i |tau_i - fd_i| / max_i |fd_i|, fd the four-poi
 
 import pytest
 import torch
-from conftest import make_tokenizer
+from conftest import DEVICE, make_tokenizer
 
 import dpg
-from dpg.exact import finite_difference, random_data, tiny_model
+from dpg.exact import finite_difference, random_data
+from dpg.exact import tiny_model as tiny_cpu_model
 from dpg.metagrad import Adjoint, Checkpoint, optimizer_vjp
 from dpg.optim import adamw, state_tensors
 
 N, LENGTH = 12, 10  # 12 examples, microbatch 2 x grad_accum 2 -> T = 3
+
+
+def tiny_model(*args, **kwargs):
+    return tiny_cpu_model(*args, **kwargs).to(DEVICE)
 
 
 def config(optimizer: str, **kw) -> dpg.SFTConfig:
@@ -50,7 +55,7 @@ def test_tau_matches_finite_difference_for_val_lm_qr_and_plugin_targets(tmp_path
     ids, mask = random_data(N, LENGTH, vocab=len(tokenizer))
     targets = [dpg.get_target(f"val_lm:{tmp_path / 'heldout.txt'}", model, tokenizer),
                dpg.get_target("pattern:qr:dpg", model),
-               dpg.get_target("my_targets:mean_logit", model, probe=ids[:2])]
+               dpg.get_target("my_targets:mean_logit", model, probe=ids[:2].to(DEVICE))]
     for optimizer in ("sgd", "adamw"):
         cfg = config(optimizer)
         for target in targets:
@@ -66,9 +71,9 @@ def test_checkpoint_modes_give_identical_scores(optimizer, tmp_path):
     target = dpg.get_target("pattern:67", model)
     disk = dpg.metagradients(model, ids, mask, target, config(optimizer, checkpoint_dir=str(tmp_path)))
     assert list(tmp_path.iterdir()) == []  # checkpoints are removed afterwards
-    for k in (1, 2, 3, None):
-        again = dpg.metagradients(model, ids, mask, target, config(optimizer, checkpoint="recompute",
-                                                                    checkpoint_every=k))
+    others = [config(optimizer, checkpoint="recompute", checkpoint_every=k) for k in (1, 2, 3, None)]
+    for other in [*others, config(optimizer, checkpoint="host")]:
+        again = dpg.metagradients(model, ids, mask, target, other)
         torch.testing.assert_close(again.scores, disk.scores, rtol=1e-12, atol=0)
         assert again.value_after == disk.value_after
 
@@ -130,7 +135,7 @@ def test_a_one_token_row_has_tau_exactly_zero_and_counts_as_weight_zero(optimize
 
 def test_train_matches_torch_optim_sgd_step_for_step():
     model = tiny_model("gpt2")
-    ids, mask = random_data(12, LENGTH)
+    ids, mask = (x.to(DEVICE) for x in random_data(12, LENGTH))
     cfg = config("sgd")
     reference = tiny_model("gpt2")
     opt = torch.optim.SGD(reference.parameters(), lr=cfg.lr)
