@@ -103,6 +103,61 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def torch_loop(model, ids, mask, config, weights):
+    """What users would otherwise run: `loss.backward()` + `torch.optim.AdamW`, dpg's loss convention (token CE
+    summed over real tokens / max_len, mean per microbatch, summed over accumulation)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    work = copy.deepcopy(model)
+    opt = torch.optim.AdamW(work.parameters(), lr=config.lr, betas=config.betas, eps=config.eps,
+                            weight_decay=config.weight_decay)
+    mb, steps = config.microbatch, ids.shape[0] // config.step_size
+    for t in range(steps):
+        opt.zero_grad(set_to_none=True)
+        for a in range(t * config.step_size, (t + 1) * config.step_size, mb):
+            x, m = ids[a:a + mb], mask[a:a + mb]
+            logits = work(input_ids=x, attention_mask=m).logits
+            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")
+            (weights[a:a + mb] * (nll * m[:, 1:]).sum(1) / config.max_len).mean().backward()
+        opt.step()
+    return work
+
+
+def bergson_magic(model, ids, mask, config):
+    """EleutherAI bergson's MAGIC on the same model, data and AdamW: forward with every step checkpointed
+    (save_mode "all", as dpg's `disk`), then its backward; the target gradient is 2 theta_T (an l2 target, in
+    closed form). Runs in bergson's own venv (--bergson-python). Returns the per-example scores."""
+    import copy
+    import tempfile
+    from functools import partial
+
+    import datasets
+    import torchopt
+    from bergson.magic import BackwardState, DataStream, Trainer
+    from bergson.utils.math import weighted_causal_lm_ce
+    from torchopt.pytree import tree_iter
+
+    work = copy.deepcopy(model)
+    work.loss_function = partial(weighted_causal_lm_ce, reduction="mean")
+    trainer, state = Trainer.initialize(work, torchopt.adamw(config.lr, betas=config.betas, eps=config.eps,
+                                                             eps_root=config.eps_root,
+                                                             weight_decay=config.weight_decay))
+    stream = DataStream(datasets.Dataset.from_dict({"input_ids": ids.tolist()}), config.step_size,
+                        device=ids.device)
+    with tempfile.TemporaryDirectory(prefix="bergson-ckpt-") as tmp:
+        final = trainer.train(state, stream, save_dir=tmp, save_mode="all",
+                              grad_accum_steps=config.grad_accum)
+        stream.requires_grad = True
+        zeros = [torch.zeros_like(b) for b in tree_iter(final.opt_state)
+                 if isinstance(b, torch.Tensor) and b.is_floating_point()]
+        start = BackwardState({k: 2 * v.detach() for k, v in final.params.items()}, zeros,
+                              torch.zeros_like(stream.weights))
+        return trainer.backward(tmp, stream, start, final, save_mode="all",
+                                grad_accum_steps=config.grad_accum).weight_grads
+
+
 def run_one(args) -> dict:
     import dpg
 
@@ -112,7 +167,8 @@ def run_one(args) -> dict:
     model = build_model(args.model, device)
     load_s = time.perf_counter() - load_start
     config = dpg.SFTConfig(optimizer="adamw", lr=1e-5, microbatch=args.microbatch, grad_accum=args.grad_accum,
-                           max_len=args.seq, dtype=args.dtype, checkpoint=args.checkpoint, reverse=args.reverse)
+                           max_len=args.seq, dtype=args.dtype, checkpoint=args.checkpoint, reverse=args.reverse,
+                           weight_decay=1e-4)
     n = args.T * config.step_size
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
@@ -134,6 +190,10 @@ def run_one(args) -> dict:
         rows = k * config.step_size
         if args.one == "plain":
             return dpg.train(model, ids[:rows], mask[:rows], config, weights=weights[:rows])
+        if args.one == "torch":
+            return torch_loop(model, ids[:rows], mask[:rows], config, weights[:rows])
+        if args.one == "bergson":
+            return bergson_magic(model, ids[:rows], mask[:rows], config)
         return dpg.metagradients(model, ids[:rows], mask[:rows], target, config, weights=weights[:rows],
                                  progress=progress)
 
@@ -191,8 +251,8 @@ def run_one(args) -> dict:
 # --- driver (parent process) ------------------------------------------------------------------------------
 
 
-def spawn(args, mode: str, T: int, reverse: str) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", mode, "--T", str(T), "--model", args.model,
+def spawn(args, mode: str, T: int, reverse: str, python: str | None = None) -> dict:
+    cmd = [python or sys.executable, str(Path(__file__).resolve()), "--one", mode, "--T", str(T), "--model", args.model,
            "--device", args.device, "--dtype", args.dtype, "--seq", str(args.seq), "--microbatch",
            str(args.microbatch), "--grad-accum", str(args.grad_accum), "--checkpoint", args.checkpoint,
            "--reverse", reverse, "--repeats", str(args.repeats), "--seed", str(args.seed)]
@@ -262,6 +322,46 @@ def phase_table(rows: list[tuple[str, dict, dict]], first: str) -> str:
     return "\n".join(lines)
 
 
+def peer_table(rows: list[tuple[int, dict, dict, dict | None]]) -> str:
+    """Per T: a plain torch loop, dpg.metagradients and bergson's MAGIC, as times and peaks over the plain loop."""
+    head = ("| T | plain torch loop s | dpg metagrad s (÷ plain) | bergson MAGIC s (÷ plain) | bergson ÷ dpg "
+            "| plain peak | dpg peak (÷ plain) | bergson peak (÷ plain) |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for T, p, m, b in rows:
+        b = b or {"error": "not run"}
+        lines.append(" | ".join([
+            f"| {T}", cell(p, "seconds", secs), f"{cell(m, 'seconds', secs)} ({ratio(m, p, 'seconds')})",
+            f"{cell(b, 'seconds', secs)} ({ratio(b, p, 'seconds')})", ratio(b, m, "seconds"),
+            cell(p, "peak_abs", gb), f"{cell(m, 'peak_abs', gb)} ({ratio(m, p, 'peak_abs')})",
+            f"{cell(b, 'peak_abs', gb)} ({ratio(b, p, 'peak_abs')})"]) + " |")
+    return "\n".join(lines)
+
+
+def run_peers(args) -> None:
+    """--peers: the plain torch loop, dpg and (with --bergson-python) bergson, each in a fresh process, per T."""
+    rows, results, start = [], [], time.perf_counter()
+    for T in args.steps:
+        plain, meta = spawn(args, "torch", T, args.reverse), spawn(args, "metagrad", T, args.reverse)
+        peer = spawn(args, "bergson", T, args.reverse, args.bergson_python) if args.bergson_python else None
+        for r in (plain, meta, peer):
+            if r and "error" in r:
+                print(f"# T={T} {r.get('mode', '')}: {r['error']}", file=sys.stderr, flush=True)
+        results += [r for r in (plain, meta, peer) if r]
+        rows.append((T, plain, meta, peer))
+        took = {name: r.get("seconds", float("nan")) for name, r in (("plain loop", plain), ("dpg", meta),
+                                                                      ("bergson", peer)) if r}
+        print(f"# T={T}: " + ", ".join(f"{name} {x:.2f} s" for name, x in took.items())
+              + f" [{time.perf_counter() - start:.0f} s elapsed]", file=sys.stderr, flush=True)
+    omp = os.environ.get("OMP_WAIT_POLICY") or (args.omp_wait.upper() if args.omp_wait != "default" else "default")
+    print(f"\nseq {args.seq}, microbatch {args.microbatch}, grad_accum {args.grad_accum}, AdamW lr 1e-5 wd 1e-4, "
+          f"target l2_norm, dpg checkpoint {args.checkpoint}, reverse {args.reverse}, repeats {args.repeats} "
+          f"(fastest reported)" + (f", OMP_WAIT_POLICY {omp}" if args.device == "cpu" else "") + "\n")
+    print(peer_table(rows))
+    print(f"\n# total {time.perf_counter() - start:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -272,7 +372,7 @@ def main() -> None:
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16"))
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    ap.add_argument("--checkpoint", default="disk", choices=("disk", "recompute"))
+    ap.add_argument("--checkpoint", default="disk", choices=("disk", "host", "recompute"))
     ap.add_argument("--reverse", default="forward_over_reverse", choices=REVERSES)
     ap.add_argument("--compare-reverse", action="store_true",
                     help="one plain run and one metagradient run per reverse mode, at each T in --steps")
@@ -284,7 +384,11 @@ def main() -> None:
                          "another busy process on a small CPU makes every parallel region wait for a descheduled "
                          "thread: fwd+bwd measured 5-70x slower. PASSIVE keeps torch's thread count and is robust.")
     ap.add_argument("--json", help="also write all raw results to this file")
-    ap.add_argument("--one", choices=("plain", "metagrad"), help=argparse.SUPPRESS)
+    ap.add_argument("--peers", action="store_true",
+                    help="side by side per T: a plain torch loop (loss.backward + torch.optim.AdamW), dpg, and bergson")
+    ap.add_argument("--bergson-python", default=os.environ.get("BERGSON_PYTHON"),
+                    help="python of a venv with bergson (it pins its own transformers; see RESULTS-metagrad.md)")
+    ap.add_argument("--one", choices=("plain", "torch", "metagrad", "bergson"), help=argparse.SUPPRESS)
     ap.add_argument("--T", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.device == "auto":
@@ -300,6 +404,8 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
           + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""), flush=True)
     print("# " + " ".join([Path(sys.executable).name, *sys.argv]), flush=True)
+    if args.peers:
+        return run_peers(args)
     results, rows, extra = [], [], []
     start = time.perf_counter()
     for T in args.steps:

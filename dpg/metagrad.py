@@ -189,7 +189,8 @@ def metric_grad(work: nn.Module, theta: Params, target: Target) -> tuple[float, 
 def optimizer_vjp(opt: Optimizer, c: Checkpoint, adj: Adjoint) -> tuple[Adjoint, Params]:
     """VJP of (theta_{t+1}, state_{t+1}) = update(theta_t, state_t, g_t): adjoints at t and u.
 
-    The update is elementwise, so it is differentiated one parameter at a time, and each input is
+    The update is elementwise, so it is differentiated one parameter at a time (in closed form where the
+    optimizer gives `vjp`, by torch.func otherwise), and each input is
     released as soon as it is used: `adj`, `c.state`'s moments and `c.g` are consumed (emptied);
     `c.theta` is kept for the sweep. Peak memory stays near one parameter copy above the inputs.
     """
@@ -203,8 +204,12 @@ def optimizer_vjp(opt: Optimizer, c: Checkpoint, adj: Adjoint) -> tuple[Adjoint,
 
         # SGD's update is linear in g, so its VJP needs no g_t: any tensor of the right shape serves.
         g_k = c.g.pop(k) if c.g is not None else c.theta[k]
-        _, pullback = vjp(one, c.theta[k], tuple(m.pop(k) for m in moments), g_k)
-        d_theta, d_moments, d_g = pullback((adj.theta.pop(k), tuple(m.pop(k) for m in adj.moments)))
+        moments_k = tuple(m.pop(k) for m in moments)
+        adjoints_k = (adj.theta.pop(k), tuple(m.pop(k) for m in adj.moments))
+        if opt.vjp is not None:  # closed form: a few elementwise ops
+            d_theta, d_moments, d_g = opt.vjp(c.theta[k], moments_k, g_k, c.state.count, *adjoints_k)
+        else:
+            d_theta, d_moments, d_g = vjp(one, c.theta[k], moments_k, g_k)[1](adjoints_k)
         adj_theta[k], u[k] = d_theta, d_g
         for out, d in zip(adj_moments, d_moments):
             out[k] = d

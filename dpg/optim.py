@@ -36,6 +36,9 @@ State = SGDState | AdamWState
 class Optimizer(NamedTuple):
     init: Callable[[Params], State]
     update: Callable[[Params, State, Params], tuple[Params, State]]
+    vjp: Callable | None = None
+    """Closed-form VJP of `update` for one parameter: (theta, moments, g, count, adj theta', adj moments') ->
+    (adj theta, adj moments, adj g); None: dpg.metagrad differentiates `update` with torch.func."""
 
 
 def sgd(lr: float) -> Optimizer:
@@ -47,7 +50,10 @@ def sgd(lr: float) -> Optimizer:
     def update(theta: Params, state: SGDState, g: Params) -> tuple[Params, SGDState]:
         return {k: theta[k] - lr * g[k] for k in theta}, SGDState(state.count + 1)
 
-    return Optimizer(init, update)
+    def vjp(theta: Tensor, moments: tuple, g: Tensor, count: int, a_theta: Tensor, a_moments: tuple):
+        return a_theta, (), -lr * a_theta
+
+    return Optimizer(init, update, vjp)
 
 
 def adamw(
@@ -85,7 +91,21 @@ def adamw(
         }
         return new, AdamWState(t, m, v)
 
-    return Optimizer(init, update)
+    def vjp(theta: Tensor, moments: tuple[Tensor, Tensor], g: Tensor, count: int, a_theta: Tensor,
+            a_moments: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
+        """The update's VJP in closed form: with m', v' the new moments and d = sqrt(v'/c2 + eps_root) + eps,
+        theta' depends on m' through -lr/(c1 d) and on v' through lr m' / (2 c1 c2 d^2 sqrt(v'/c2 + eps_root))."""
+        t = count + 1
+        c1, c2 = 1 - b1**t, 1 - b2**t
+        m_old, v_old = moments
+        m = b1 * m_old + (1 - b1) * g
+        root = torch.sqrt((b2 * v_old + (1 - b2) * g * g) / c2 + eps_root)
+        d = root + eps
+        a_m = a_moments[0] - (lr / c1) * a_theta / d  # total adjoint of m'
+        a_v = a_moments[1] + (lr / (2 * c1 * c2)) * a_theta * m / (d * d * root)  # total adjoint of v'
+        return (1 - lr * weight_decay) * a_theta, (b1 * a_m, b2 * a_v), (1 - b1) * a_m + (2 * (1 - b2)) * g * a_v
+
+    return Optimizer(init, update, vjp)
 
 
 def state_tensors(state: State) -> tuple[Params, ...]:

@@ -170,11 +170,15 @@ def test_adamw_matches_torch_optim_for_ten_steps():
         torch.testing.assert_close(theta[k], p.detach(), rtol=1e-12, atol=1e-14)
 
 
-def test_optimizer_vjp_matches_autograd_through_adamw():
+@pytest.mark.parametrize("closed_form", [True, False])
+@pytest.mark.parametrize("first_step", [True, False])
+def test_optimizer_vjp_matches_autograd_through_adamw(closed_form, first_step):
     torch.manual_seed(1)
-    opt = adamw(1e-2, eps_root=1e-9)
+    opt = adamw(1e-2, eps_root=1e-9, weight_decay=0.1)
+    opt = opt if closed_form else opt._replace(vjp=None)  # the closed form, and torch.func's VJP of `update`
     theta = {"a": torch.randn(6, dtype=torch.float64)}
-    state = opt.update(theta, opt.init(theta), {"a": torch.randn(6, dtype=torch.float64)})[1]
+    state = opt.init(theta) if first_step else \
+        opt.update(theta, opt.init(theta), {"a": torch.randn(6, dtype=torch.float64)})[1]
     g = {"a": torch.randn(6, dtype=torch.float64)}
     adj = Adjoint({"a": torch.randn(6, dtype=torch.float64)}, tuple({"a": torch.randn(6, dtype=torch.float64)}
                                                                    for _ in range(2)))
