@@ -37,11 +37,13 @@ from dpg.sft import (
     Batch,
     FiniteChecks,
     Progress,
+    all_reduce,
     check_finite,
     grads,
     load_weights,
     make_optimizer,
     microbatches,
+    mine,
     model_device,
     prepare,
     release_weights,
@@ -155,13 +157,13 @@ def _map_tensors(x, fn):
 
 
 def unrolled_sft(work: nn.Module, theta: Params, batch: Batch, config: SFTConfig, opt: Optimizer,
-                 save: Callable[[int, Checkpoint], None], progress: Progress | None = None) -> Params:
+                 save: Callable[[int, Checkpoint], None], progress: Progress | None = None, group=None) -> Params:
     """Phase 1: the T steps of SFT, handing (theta_t, state_t, g_t) of every step to `save`."""
     state = opt.init(theta)
     total = config.inner_steps(batch.input_ids.shape[0])
     checks = FiniteChecks()
     for t, rows in steps(batch, config):
-        g = step_grad(work, theta, batch, rows, config)
+        g = step_grad(work, theta, batch, rows, config, group)
         checks.add(g, f"gradient at inner step {t}")
         save(t, Checkpoint(theta, state, g))
         theta, state = opt.update(theta, state, g)
@@ -217,13 +219,17 @@ def optimizer_vjp(opt: Optimizer, c: Checkpoint, adj: Adjoint) -> tuple[Adjoint,
 
 
 def sweep(work: nn.Module, theta: Params, batch: Batch, rows: slice, u: Params, config: SFTConfig,
-          need_hvp: bool) -> tuple[Params | None, Tensor]:
+          need_hvp: bool, group=None) -> tuple[Params | None, Tensor]:
     """(H_t u or None, ldot) for one step's rows: ldot_i = <grad l_i(theta_t), u>, or ldot_it = <grad l_it, u>
-    (rows, L) where the weights are per token."""
+    (rows, L) where the weights are per token. With a process group: this rank's microbatches only (the HVP
+    part is summed by the caller, ldot is 0 on the other ranks' rows)."""
     hvp, ldots = None, []
-    for mb in microbatches(rows, config):
+    for i, mb in enumerate(microbatches(rows, config)):
         w = batch.weights[mb] / config.microbatch
         per_token = w.ndim == 2
+        if not mine(i, group):
+            ldots.append(torch.zeros(w.shape, dtype=config.torch_dtype, device=w.device))
+            continue
 
         def losses(th, mb=mb, per_token=per_token):
             terms = token_losses(work, th, batch, mb, config)  # (b, L)
@@ -253,10 +259,13 @@ def sweep(work: nn.Module, theta: Params, batch: Batch, rows: slice, u: Params, 
 
 
 def reverse_step(work: nn.Module, opt: Optimizer, c: Checkpoint, adj: Adjoint, batch: Batch, rows: slice,
-                 config: SFTConfig, t: int, checks: FiniteChecks | None = None) -> tuple[Adjoint, Tensor]:
+                 config: SFTConfig, t: int, checks: FiniteChecks | None = None, group=None
+                 ) -> tuple[Adjoint, Tensor]:
     """Phase 3, one step: adjoint of (theta_{t+1}, state_{t+1}) -> adjoint at t, and tau for step t's rows."""
     adj, u = optimizer_vjp(opt, c, adj)
-    hvp, ldot = sweep(work, c.theta, batch, rows, u, config, need_hvp=t > 0)
+    hvp, ldot = sweep(work, c.theta, batch, rows, u, config, need_hvp=t > 0, group=group)
+    if group is not None and t > 0:
+        hvp = all_reduce(hvp if hvp is not None else {k: torch.zeros_like(v) for k, v in u.items()}, group)
     theta = adj.theta if hvp is None else {k: adj.theta[k] + hvp[k] for k in adj.theta}
     what = f"adjoint at inner step {t} (reverse pass)"
     check_finite(theta, what) if checks is None else checks.add(theta, what)
@@ -265,8 +274,14 @@ def reverse_step(work: nn.Module, opt: Optimizer, c: Checkpoint, adj: Adjoint, b
 
 def metagradients(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, target: Target,
                   config: SFTConfig, weights: Tensor | None = None,
-                  progress: Progress | None = None) -> MetagradResult:
-    """tau_i = dPhi(train(model, data, w)) / dw_i for every example, exactly (see the module docstring)."""
+                  progress: Progress | None = None, group=None) -> MetagradResult:
+    """tau_i = dPhi(train(model, data, w)) / dw_i for every example, exactly (see the module docstring).
+
+    Data parallel with a torch.distributed process `group` (gloo on CPUs, NCCL on GPUs): every rank calls it
+    with the same model and data; each takes its share of every step's microbatches (microbatch i to rank
+    i mod R, so R <= sft.grad_accum keeps every rank busy), gradients and HVPs are summed over the ranks, each
+    rank scores its own examples, and every rank returns all the scores (those of one process, up to the order
+    of float sums)."""
     batch = prepare(input_ids, attention_mask, config, weights, device=model_device(model))
     if config.reverse == "reverse_over_forward" and any(isinstance(m, nn.LayerNorm) for m in model.modules()):
         raise DPGError("sft.reverse='reverse_over_forward' gives wrong second derivatives through nn.LayerNorm "
@@ -288,7 +303,7 @@ def metagradients(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, t
             kept[t] = c._replace(g=None)
 
     try:
-        theta_T = unrolled_sft(work, theta0, batch, config, opt, save, progress)
+        theta_T = unrolled_sft(work, theta0, batch, config, opt, save, progress, group)
         value_after, a = metric_grad(work, theta_T, target)
         report_after = _report(target, work)
         release_weights(work)  # the reverse pass calls the model functionally; drop theta_T now
@@ -306,17 +321,19 @@ def metagradients(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, t
             else:  # replay steps start .. start+k-1 from the kept checkpoint
                 segment, c = [], kept.pop(start)
                 for t in range(start, min(start + k, total)):
-                    g = step_grad(work, c.theta, batch, rows_of[t], config)
+                    g = step_grad(work, c.theta, batch, rows_of[t], config, group)
                     segment.append((t, c._replace(g=g)))
                     c = Checkpoint(*opt.update(c.theta, c.state, g), None)
             while segment:  # pop, so each step's checkpoint is freed once reversed
                 t, c = segment.pop()
-                adj, tau_t = reverse_step(work, opt, c, adj, batch, rows_of[t], config, t, checks)
+                adj, tau_t = reverse_step(work, opt, c, adj, batch, rows_of[t], config, t, checks, group)
                 scores[rows_of[t]] += tau_t
                 done += 1
                 if progress:
                     progress("reverse", done, total)
         checks.raise_first()
+        if group is not None:
+            torch.distributed.all_reduce(scores, group=group)  # each rank filled its own rows
     finally:
         if store:
             store.close()

@@ -85,6 +85,24 @@ def microbatches(rows: slice, config: SFTConfig) -> Iterator[slice]:
         yield slice(a, a + config.microbatch)
 
 
+def mine(i: int, group) -> bool:
+    """Whether microbatch i of a step is this rank's: the i-th goes to rank i mod world size (all without a
+    process group)."""
+    return group is None or i % torch.distributed.get_world_size(group) == torch.distributed.get_rank(group)
+
+
+def all_reduce(params: Params, group) -> Params:
+    """The sum over the ranks of `group` (one flat buffer, one collective); `params` as they are without one."""
+    if group is None:
+        return params
+    flat = torch.cat([v.reshape(-1) for v in params.values()])
+    torch.distributed.all_reduce(flat, group=group)
+    out, at = {}, 0
+    for k, v in params.items():
+        out[k], at = flat[at:at + v.numel()].view_as(v), at + v.numel()
+    return out
+
+
 def token_losses(model: nn.Module, theta: Params, batch: Batch, rows: slice, config: SFTConfig) -> Tensor:
     """Per-token loss terms l_it(theta) for the given rows, shape (rows, L): l_i = sum_t l_it, and column 0
     (which predicts nothing) and padding are 0."""
@@ -111,15 +129,21 @@ def grads(output: Tensor, params: Params, **kwargs) -> Params:
     return {k: torch.zeros_like(v) if d is None else d for (k, v), d in zip(params.items(), parts)}
 
 
-def step_grad(model: nn.Module, theta: Params, batch: Batch, rows: slice, config: SFTConfig) -> Params:
-    """g_t for the examples in `rows` (one optimizer step), by plain reverse mode."""
+def step_grad(model: nn.Module, theta: Params, batch: Batch, rows: slice, config: SFTConfig,
+              group=None) -> Params:
+    """g_t for the examples in `rows` (one optimizer step), by plain reverse mode; with a process group, each
+    rank takes its microbatches (`mine`) and the parts are summed over the ranks."""
     params = {k: v.detach().requires_grad_() for k, v in theta.items()}
     g = None
-    for mb in microbatches(rows, config):
+    for i, mb in enumerate(microbatches(rows, config)):
+        if not mine(i, group):
+            continue
         with torch.enable_grad():
             loss = weighted(batch.weights[mb], token_losses(model, params, batch, mb, config)).sum() / config.microbatch
             part = grads(loss, params)
         g = part if g is None else {k: g[k] + part[k] for k in g}
+    if group is not None:
+        g = all_reduce(g if g is not None else {k: torch.zeros_like(v) for k, v in theta.items()}, group)
     return g
 
 
