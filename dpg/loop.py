@@ -123,7 +123,7 @@ def group_ids(cfg: DPGConfig) -> list[int]:
 
 
 def group_rewards(cfg: DPGConfig, rollouts: list[Rollout], group: int, target_model: nn.Module, target_tokenizer,
-                  target, progress: Progress | None = None
+                  target, progress: Progress | None = None, process_group=None
                   ) -> tuple[dict[str, float], SFTRun | None, dict[str, list[float]]]:
     """Raw rewards {example_id: tau} of one SFT group's rollouts, its SFT run (None for text rewards), and,
     with token credit (rewards.credit token / token-own), each rollout's per-generator-token credit
@@ -133,7 +133,8 @@ def group_rewards(cfg: DPGConfig, rollouts: list[Rollout], group: int, target_mo
     contributes nothing (`to_target_examples`: its loss and metagradient are exactly 0), and its tau is NaN
     (no reward, never a silent 0); a group of only empty completions is skipped (every tau NaN, no SFT run).
     Both with a warning. Text rewards score every text; `random` also gets the example ids, the run's seed
-    and the iteration.
+    and the iteration. A torch.distributed `process_group` makes the `dpg` reward's SFT run data parallel
+    (every rank calls this with the same arguments and gets the same result).
     """
     reward = get_reward(cfg.rewards.name)
     members = [r for r in rollouts if r.group_id == group]
@@ -154,7 +155,8 @@ def group_rewards(cfg: DPGConfig, rollouts: list[Rollout], group: int, target_mo
                         group, sum(empty))
         per_token = cfg.rewards.credit != "sequence"
         tau, runs = reward(target_model, {group: (ids, mask)}, target, cfg.sft, it, progress,
-                           **({"per_token": True} if per_token else {}))
+                           **({"per_token": True} if per_token else {}),
+                           **({"process_group": process_group} if process_group is not None else {}))
     scores = tau[group]
     credit = {r.example_id: generator_credit(r, row, n, target_tokenizer).tolist()
               for r, e, row, n in zip(members, empty, scores, n_tokens) if not e} if per_token else {}

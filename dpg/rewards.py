@@ -99,17 +99,18 @@ def _report(target: Callable[[nn.Module], Tensor], model: nn.Module, what: str) 
 
 def dpg_rewards(target_model: nn.Module, examples_by_group: Examples, target, sft_config: SFTConfig,
                 outer_iteration: int = 0, progress: Progress | None = None,
-                per_token: bool = False) -> tuple[dict[int, Tensor], list[SFTRun]]:
+                per_token: bool = False, process_group=None) -> tuple[dict[int, Tensor], list[SFTRun]]:
     """tau_i = dPhi(theta_T(w)) / dw_i at w = 1, exactly, one differentiable SFT run per group.
 
     Each group's SFT starts from `target_model`'s weights; tau is raw float64 (see dpg.metagrad). With
     `per_token`, each group's tau is (n, L): tau_is = dPhi/dw_is per target token (rows sum to tau_i).
+    With a torch.distributed `process_group`, each run is data parallel over its ranks (dpg.parallel).
     """
     _check_groups(examples_by_group, sft_config)
     tau, runs = {}, []
     for k, (ids, mask) in sorted(examples_by_group.items()):
         weights = torch.ones(ids.shape, dtype=torch.float64) if per_token else None
-        result = metagradients(target_model, ids, mask, target, sft_config, weights, progress)
+        result = metagradients(target_model, ids, mask, target, sft_config, weights, progress, process_group)
         if not torch.isfinite(result.scores).all():
             raise DPGError(f"outer iteration {outer_iteration}, SFT group {k}: non-finite tau "
                            f"{result.scores.tolist()[:8]}; lower sft.lr or use sft.dtype='float32'/'float64'")

@@ -220,9 +220,16 @@ class ExecutionConfig:
     """Where the stages put their models and batches: `auto` (CUDA where the stage's process has it, else the
     CPU), `cpu`, `cuda` or `cuda:k`. Each stage resolves it on the machine it runs on (dpg.models.resolve_device)."""
 
+    attribution_ranks: int = 1
+    """Processes per SFT group's metagradient (dpg.parallel: NCCL, one GPU each, where the stage's machine has
+    that many; gloo on its CPU otherwise). Each rank takes every step's i-th microbatches (i mod ranks), so more
+    ranks than sft.grad_accum leaves some idle."""
+
     def __post_init__(self) -> None:
         _require(self.mode in ("inline", "workers"), "mode", self.mode, "use 'inline' or 'workers'",
                  prefix="execution")
+        _require(_int(self.attribution_ranks) and self.attribution_ranks >= 1, "attribution_ranks",
+                 self.attribution_ranks, "use a positive integer (1: one process)", prefix="execution")
         _require(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
                  "device", self.device, "use auto, cpu, cuda or cuda:k", prefix="execution")
 

@@ -302,13 +302,17 @@ def sft_group(cfg: DPGConfig, it: int, rollouts_url: str, group: int) -> str:
     if done(cfg, url):
         return url
     rollouts = read_records(cfg, rollouts_url, "rollouts.parquet", Rollout)
-    model, tokenizer, target = target_for(cfg)
     start = time.perf_counter()
-    taus, run, credit = loop.group_rewards(cfg, rollouts, group, model, tokenizer, target)
+    if cfg.execution.attribution_ranks > 1:
+        from dpg.parallel import launch
+
+        taus, run, credit, lengths = launch(cfg.execution.attribution_ranks, rank_group_rewards, cfg, rollouts,
+                                            group)[0]
+    else:
+        taus, run, credit, lengths = rank_group_rewards(None, 0, cfg, rollouts, group)
     seconds = time.perf_counter() - start
     frame = pd.DataFrame({"example_id": list(taus), "tau": list(taus.values())})
-    members = {r.example_id: r for r in rollouts if r.group_id == group}
-    frame["target_tokens"] = [len(row) for row in target_rows([members[k] for k in taus], tokenizer, cfg.sft.max_len)]
+    frame["target_tokens"] = lengths
     if credit:  # token credit: one value per generator token, [] for an empty completion
         frame["credit"] = [credit.get(k, []) for k in taus]
     files = {"tau.parquet": frame}
@@ -318,6 +322,21 @@ def sft_group(cfg: DPGConfig, it: int, rollouts_url: str, group: int) -> str:
                    cfg.storage.storage_options)
     get_run_logger().info("iteration %d, group %d: %d rewards in %.1f s", it, group, len(taus), seconds)
     return url
+
+
+def rank_group_rewards(process_group, rank: int, cfg: DPGConfig, rollouts: list[Rollout], group: int):
+    """One SFT group's (taus, SFT run, credit, target tokens per rollout), in this process (no `process_group`)
+    or as one rank of a data-parallel group (dpg.parallel.launch: its own target, its own GPU with NCCL)."""
+    import torch.distributed as dist
+
+    device = None if process_group is None else \
+        f"cuda:{rank}" if dist.get_backend(process_group) == "nccl" else "cpu"
+    model, tokenizer, target = target_for(cfg, device)
+    taus, run, credit = loop.group_rewards(cfg, rollouts, group, model, tokenizer, target,
+                                           process_group=process_group)
+    members = {r.example_id: r for r in rollouts if r.group_id == group}
+    lengths = [len(row) for row in target_rows([members[k] for k in taus], tokenizer, cfg.sft.max_len)]
+    return taus, run, credit, lengths
 
 
 def flat_in_a_row(cfg: DPGConfig, it: int) -> int:

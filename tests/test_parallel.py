@@ -3,6 +3,7 @@ one process, in float64, for SGD and AdamW, per-example and per-token weights, e
 whose microbatches do not split evenly over the ranks."""
 
 import torch
+from test_pipeline import texts_file, tiny_config  # noqa: F401 (texts_file: a fixture)
 
 import dpg
 from dpg.exact import float64_llama, random_data, tiny_model
@@ -40,3 +41,25 @@ def test_two_gloo_ranks_give_the_scores_of_one_process():
         assert torch.equal(first, second), case  # every rank returns all the scores
         assert single.abs().max() > 0, case
         torch.testing.assert_close(first, single, rtol=1e-12, atol=1e-15 * single.abs().max().item(), msg=str(case))
+
+
+def test_a_stage_with_two_attribution_ranks_writes_the_rewards_of_one_process(
+        prefect_harness, tiny_generator_dir, texts_file, tmp_path):  # noqa: F811
+    from flows.optimize import optimize
+    from tasks import io
+    from tasks.stages import stage_url
+
+    settings = {"outer_iterations": 1, "prompts.per_iteration": 4, "sft.grad_accum": 2, "sft.dtype": "float64"}
+    taus = []
+    for ranks in (1, 2):
+        cfg = tiny_config(tiny_generator_dir, texts_file, str(tmp_path / f"store-{ranks}"),
+                          f"sqlite:///{tmp_path}/m{ranks}.db", **settings, **{"execution.attribution_ranks": ranks})
+        optimize(cfg)
+        taus.append([io.read_table(stage_url(cfg, 0, f"sft-g{g}"), "tau.parquet") for g in (0, 1)])
+    for one, two in zip(*taus):
+        assert list(one["example_id"]) == list(two["example_id"]) and one["tau"].abs().max() > 0
+        assert list(one["target_tokens"]) == list(two["target_tokens"])
+        # the spawned ranks run stock transformers Llama, whose RMSNorm rounds float64 to float32 (this process
+        # has conftest's float64 patch), hence 1e-6; the first test checks the ranks in exact float64
+        torch.testing.assert_close(torch.tensor(two["tau"].to_numpy()), torch.tensor(one["tau"].to_numpy()),
+                                   rtol=1e-6, atol=1e-12)
