@@ -56,7 +56,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-MODELS = ("small", "smollm2", "gpt2-small")
+MODELS = ("tiny", "small", "smollm2", "gpt2-small")
 REVERSES = ("forward_over_reverse", "reverse_over_forward", "double_backward")
 TAG = "RESULT "
 
@@ -65,7 +65,11 @@ TAG = "RESULT "
 
 
 def build_model(name: str, device: str):
-    if name == "small":
+    if name == "tiny":  # benchmarks/gpu.sh --dry
+        from dpg.exact import tiny_model
+
+        model = tiny_model("llama", vocab=256, hidden=32, layers=2, dtype=torch.float32)
+    elif name == "small":
         from dpg.exact import tiny_model
 
         model = tiny_model("llama", vocab=4096, hidden=256, layers=4, dtype=torch.float32)
@@ -322,18 +326,23 @@ def phase_table(rows: list[tuple[str, dict, dict]], first: str) -> str:
     return "\n".join(lines)
 
 
+def tokens_per_s(r: dict) -> str:
+    """Training tokens (examples x seq) per second of wall time."""
+    return "-" if "error" in r else f"{r['n'] * r['seq'] / r['seconds']:,.0f}"
+
+
 def peer_table(rows: list[tuple[int, dict, dict, dict | None]]) -> str:
     """Per T: a plain torch loop, dpg.metagradients and bergson's MAGIC, as times and peaks over the plain loop."""
     head = ("| T | plain torch loop s | dpg metagrad s (÷ plain) | bergson MAGIC s (÷ plain) | bergson ÷ dpg "
-            "| plain peak | dpg peak (÷ plain) | bergson peak (÷ plain) |")
+            "| plain tokens/s | dpg tokens/s | plain peak | dpg peak (÷ plain) | bergson peak (÷ plain) |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for T, p, m, b in rows:
-        b = b or {"error": "not run"}
+        peer = (lambda key, fmt: f"{cell(b, key, fmt)} ({ratio(b, p, key)})") if b else (lambda key, fmt: "not run")
         lines.append(" | ".join([
             f"| {T}", cell(p, "seconds", secs), f"{cell(m, 'seconds', secs)} ({ratio(m, p, 'seconds')})",
-            f"{cell(b, 'seconds', secs)} ({ratio(b, p, 'seconds')})", ratio(b, m, "seconds"),
+            peer("seconds", secs), ratio(b, m, "seconds") if b else "-", tokens_per_s(p), tokens_per_s(m),
             cell(p, "peak_abs", gb), f"{cell(m, 'peak_abs', gb)} ({ratio(m, p, 'peak_abs')})",
-            f"{cell(b, 'peak_abs', gb)} ({ratio(b, p, 'peak_abs')})"]) + " |")
+            peer("peak_abs", gb)]) + " |")
     return "\n".join(lines)
 
 
