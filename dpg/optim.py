@@ -83,27 +83,29 @@ def adamw(
     def update(theta: Params, state: AdamWState, g: Params) -> tuple[Params, AdamWState]:
         t = state.count + 1
         c1, c2 = 1 - b1**t, 1 - b2**t
-        m = {k: b1 * state.m[k] + (1 - b1) * g[k] for k in theta}
-        v = {k: b2 * state.v[k] + (1 - b2) * g[k] * g[k] for k in theta}
-        new = {
-            k: theta[k] - lr * ((m[k] / c1) / (torch.sqrt(v[k] / c2 + eps_root) + eps) + weight_decay * theta[k])
-            for k in theta
-        }
+        # fused ops (lerp, addcmul, addcdiv), out of place: differentiable, and fewer passes over memory
+        m = {k: torch.lerp(state.m[k], g[k], 1 - b1) for k in theta}
+        v = {k: torch.addcmul(b2 * state.v[k], g[k], g[k], value=1 - b2) for k in theta}
+        new = {k: torch.addcdiv((1 - lr * weight_decay) * theta[k], m[k], torch.sqrt(v[k] / c2 + eps_root) + eps,
+                                value=-lr / c1) for k in theta}
         return new, AdamWState(t, m, v)
 
     def vjp(theta: Tensor, moments: tuple[Tensor, Tensor], g: Tensor, count: int, a_theta: Tensor,
             a_moments: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
         """The update's VJP in closed form: with m', v' the new moments and d = sqrt(v'/c2 + eps_root) + eps,
-        theta' depends on m' through -lr/(c1 d) and on v' through lr m' / (2 c1 c2 d^2 sqrt(v'/c2 + eps_root))."""
+        theta' depends on m' through -lr/(c1 d) and on v' through lr m' / (2 c1 c2 d^2 sqrt(v'/c2 + eps_root)).
+        Its own temporaries are updated in place; its inputs are left as they are."""
         t = count + 1
         c1, c2 = 1 - b1**t, 1 - b2**t
         m_old, v_old = moments
-        m = b1 * m_old + (1 - b1) * g
-        root = torch.sqrt((b2 * v_old + (1 - b2) * g * g) / c2 + eps_root)
+        root = torch.addcmul(b2 * v_old, g, g, value=1 - b2).div_(c2).add_(eps_root).sqrt_()
         d = root + eps
-        a_m = a_moments[0] - (lr / c1) * a_theta / d  # total adjoint of m'
-        a_v = a_moments[1] + (lr / (2 * c1 * c2)) * a_theta * m / (d * d * root)  # total adjoint of v'
-        return (1 - lr * weight_decay) * a_theta, (b1 * a_m, b2 * a_v), (1 - b1) * a_m + (2 * (1 - b2)) * g * a_v
+        a_m = torch.addcdiv(a_moments[0], a_theta, d, value=-lr / c1)  # total adjoint of m'
+        denom = d.square_().mul_(root)
+        a_v = torch.addcdiv(a_moments[1], a_theta * torch.lerp(m_old, g, 1 - b1), denom,
+                            value=lr / (2 * c1 * c2))  # total adjoint of v'
+        u = torch.addcmul((1 - b1) * a_m, g, a_v, value=2 * (1 - b2))
+        return (1 - lr * weight_decay) * a_theta, (a_m.mul_(b1), a_v.mul_(b2)), u
 
     return Optimizer(init, update, vjp)
 

@@ -162,7 +162,9 @@ class FiniteChecks:
         self.names: list[tuple[str, list[str]]] = []
 
     def add(self, tensors: Params, what: str) -> None:
-        self.flags.append(torch.stack([torch.isfinite(v).all() for v in tensors.values()]))
+        # max and min propagate NaN and show an infinity: two reductions, no mask the size of the parameters
+        self.flags.append(torch.isfinite(torch.stack([x for v in tensors.values() for x in (v.amax(), v.amin())]))
+                          .view(-1, 2).all(1))
         self.names.append((what, list(tensors)))
         if self.flags[-1].device.type == "cpu":
             self.raise_first()
