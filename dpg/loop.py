@@ -115,7 +115,10 @@ def load_target(cfg: DPGConfig, generator_tokenizer, device: torch.device | str 
         else:
             model, tokenizer = load_causal_lm(t.model)
             model = model.to(device)
-        return model, tokenizer, get_target(t.spec, model, tokenizer, **t.options)
+        options = dict(t.options)
+        if options.get("token_ids") == "commonest":  # the patch on the prompt corpus's commonest tokens
+            options["texts"] = [text for _, text in corpus(cfg)]
+        return model, tokenizer, get_target(t.spec, model, tokenizer, **options)
 
 
 def group_ids(cfg: DPGConfig) -> list[int]:

@@ -46,7 +46,7 @@ TARGETS: dict[str, str] = {
 PLUGIN_FORM = "package.module:factory (factory(base_model, tokenizer=None, **options) -> Target or callable)"
 _OPTIONS = {
     "l2_norm": set(),
-    "pattern": {"kappa", "vocab_offset", "token_ids", "hidden_offset"},
+    "pattern": {"kappa", "vocab_offset", "token_ids", "hidden_offset", "texts"},
     "val_lm": {"max_len", "max_texts", "text_column", "split", "skip_unknown"},
 }
 IMAGE_67 = [
@@ -177,7 +177,7 @@ def _read_image(spec: str, path: Path) -> np.ndarray:
 
 
 def _pattern_target(spec, image, base_model, tokenizer, kappa=20.0, vocab_offset=None, token_ids=None,
-                    hidden_offset=0) -> Target:
+                    hidden_offset=0, texts=None) -> Target:
     vocab, hidden = output_matrix(base_model).shape
     rows, cols = image.shape
     size = f"the {rows}×{cols} image"
@@ -191,7 +191,9 @@ def _pattern_target(spec, image, base_model, tokenizer, kappa=20.0, vocab_offset
                        f"{hidden}; use 0 <= hidden_offset <= {hidden - rows}")
     if token_ids is not None and vocab_offset is not None:
         raise DPGError(f"target {spec!r}: got vocab_offset={vocab_offset!r} and token_ids; give only one")
-    if token_ids is not None:
+    if token_ids == "commonest":  # the tokens the data uses most, so every SFT batch moves the patch
+        ids = commonest_tokens(spec, tokenizer, texts, cols)
+    elif token_ids is not None:
         ids = list(token_ids)
         if len(set(ids)) != cols or len(ids) != cols or not all(isinstance(i, int) and 0 <= i < vocab
                                                                 for i in ids):
@@ -231,12 +233,33 @@ def _pattern_target(spec, image, base_model, tokenizer, kappa=20.0, vocab_offset
     return Target(spec, phi, report, pictures, tuple(ids))
 
 
+def _special_ids(tokenizer) -> set[int]:
+    # added tokens too: SmolLM2 lists only 3 special ids but ids 0–16 are all added control tokens
+    return set(getattr(tokenizer, "all_special_ids", None) or []) | set(getattr(tokenizer, "added_tokens_decoder",
+                                                                            None) or {})
+
+
+def commonest_tokens(spec: str, tokenizer, texts, k: int) -> list[int]:
+    """The k most frequent non-special token ids of `texts` (ties: the smaller id first)."""
+    from collections import Counter
+
+    if tokenizer is None or not texts:
+        raise DPGError(f"target {spec!r}: token_ids='commonest' needs a tokenizer and texts (the prompt corpus, "
+                       "which dpg passes as the option `texts`)")
+    special = _special_ids(tokenizer)
+    counts = Counter(i for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"]
+                     if i not in special)
+    ranked = sorted(counts, key=lambda i: (-counts[i], i))
+    if len(ranked) < k:
+        raise DPGError(f"target {spec!r}: the texts use {len(ranked)} distinct tokens, fewer than the {k} columns "
+                       "of the image; give more text or token_ids")
+    return ranked[:k]
+
+
 def _default_vocab_offset(spec: str, tokenizer, cols: int, vocab: int) -> int:
     """Smallest o >= 0 with no special or added-token id in o..o+cols−1 (SmolLM2: 17, GPT-2: 0); 0 without a
     tokenizer. Such tokens almost never appear as labels, so a patch there barely moves."""
-    # added tokens too: SmolLM2 lists only 3 special ids but ids 0–16 are all added control tokens
-    special = set(getattr(tokenizer, "all_special_ids", None) or []) | set(getattr(tokenizer, "added_tokens_decoder",
-                                                                               None) or {})
+    special = _special_ids(tokenizer)
     for o in range(vocab - cols + 1):
         if not special.intersection(range(o, o + cols)):
             return o

@@ -192,6 +192,17 @@ def test_token_ids_option_places_patch_at_those_rows(llama):
     assert target.report(llama)["pixel_accuracy"] == 1.0
 
 
+def test_token_ids_commonest_puts_the_patch_on_the_texts_commonest_tokens(llama):
+    tokenizer = make_tokenizer()
+    words = "the cat sat on the mat and the dog ran far away from home then came back the cat a dog the mat"
+    target = get_target("pattern:67", llama, tokenizer, token_ids="commonest", texts=[words, "the cat and a dog"])
+    v = tokenizer.get_vocab()
+    # counts: the 6; cat, dog 3; mat, a, and 2 (ties by id); then the first of the words used once
+    assert target.token_ids == tuple(v[w] for w in ("the", "cat", "dog", "mat", "a", "and", "sat"))
+    with pytest.raises(DPGError, match="token_ids='commonest' needs a tokenizer and texts"):
+        get_target("pattern:67", llama, tokenizer, token_ids="commonest")
+
+
 def test_pattern_rejects_bad_placement_with_sizes(llama):
     with pytest.raises(DPGError, match="vocab_offset=60.*vocab size 64.*<= 57"):
         get_target("pattern:67", llama, vocab_offset=60)
