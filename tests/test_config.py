@@ -21,17 +21,24 @@ def test_the_run_config_defaults_are_the_sections_own():
     assert DPGConfig.from_dict({}) == cfg
 
 
+def value_or(mapping, key, default):
+    return mapping[key] if key in mapping else default
+
+
 def test_the_main_job_is_a_named_profile_and_only_what_it_names_differs():
     main = load_config(None)
     assert load_config("main") == main
     assert main.to_dict() == load_config(None, [], base=main.to_dict()).to_dict()
-    differing = {f"{s}.{k}" for s, values in PROFILES["main"].items() for k in values}
+    sections = {s: values for s, values in PROFILES["main"].items() if isinstance(values, dict)}
+    differing = {f"{s}.{k}" for s, values in sections.items() for k in values}
     plain = DPGConfig().to_dict()
     for section, values in main.to_dict().items():
         if isinstance(values, dict):
             for key, value in values.items():
                 assert (value == plain[section][key]) == (f"{section}.{key}" not in differing
-                                                          or PROFILES["main"][section][key] == plain[section][key])
+                                                          or sections[section][key] == plain[section][key])
+        else:  # a top-level key: the profile's where it names one
+            assert value_or(PROFILES["main"], section, plain[section]) == values
     with pytest.raises(DPGError, match="profile"):
         load_config("no-such-profile")
 
@@ -54,8 +61,10 @@ def test_one_seed_drives_every_stage_and_no_section_has_its_own():
 
 
 def test_run_ids_stay_those_that_stored_runs_have():
-    # computed by dpg before one-seed (commit 389f6fe): the main job, and a grid cell that set every seed to 3
-    assert load_config(None).run_id == "dpg-73cafac66214"
+    # computed by dpg before one-seed (commit 389f6fe): the main job as it was then, and a grid cell that set
+    # every seed to 3
+    before = ["target.options={}", "target.tiny_pretrain_steps=0", "rewards.credit=sequence", "policy.lr=2e-4"]
+    assert load_config(None, before).run_id == "dpg-73cafac66214"
     assert load_config("experiments/pattern-67.yaml", ["seed=3"]).run_id == "pattern-67-c408d24c3a0d"
 
 
@@ -95,3 +104,11 @@ def test_the_device_resolves_where_the_stage_runs_and_a_missing_one_is_one_clear
     with pytest.raises(DPGError, match=r"cuda:99"):
         resolve_device("cuda:99")
     assert load_config(None, ["execution.device=cpu"]).run_id == load_config(None).run_id  # a run moves devices
+
+
+def test_a_baseline_swapped_into_the_main_profile_scores_whole_rollouts():
+    assert load_config(None).rewards.credit == "token-own"  # the profile's dpg reward, per token
+    assert load_config(None, ["rewards.name=random"]).rewards.credit == "sequence"  # the control, as users run it
+    assert load_config(None, ["rewards.name=naive"]).rewards.credit == "sequence"
+    with pytest.raises(DPGError, match="rewards.credit='token' is invalid"):  # said explicitly: still an error
+        load_config(None, ["rewards.name=naive", "rewards.credit=token"])

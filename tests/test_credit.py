@@ -19,7 +19,7 @@ from dpg.runconfig import load_config
 TOY = ["generator.source=toy", "generator.toy={corpora: [wiki-vital], vocab: 64, hidden: 32, layers: 1}",
        "target.tiny_hidden=32", "target.tiny_layers=1", "prompts.per_iteration=2", "rollouts.n_rollouts=2",
        "rollouts.max_new_tokens=6", "sft.microbatch=2", "sft.max_len=10", "sft.optimizer=adamw", "sft.lr=1e-2",
-       "sft.dtype=float64"]
+       "sft.dtype=float64", "target.tiny_pretrain_steps=0", "target.options={}"]
 
 
 def char_tokenizer(text: str):

@@ -29,8 +29,25 @@ def tiny_config(generator_dir, texts_file, store, tracking, **extra):
                  "prompts.max_prompt_tokens=40", "rollouts.n_rollouts=2", "rollouts.max_new_tokens=6",
                  "target.tiny_hidden=32", "target.tiny_layers=1", "sft.microbatch=1", "sft.max_len=12",
                  "sft.lr=0.5", "policy.lr=1e-3", "outer_iterations=2", f"storage.url={store}",
-                 f"tracking.uri={tracking}", *[f"{k}={v}" for k, v in extra.items()]]
+                 f"tracking.uri={tracking}",
+                 # the main profile's patch placement, target pretraining and credit, back to the plain defaults
+                 "target.options={}", "target.tiny_pretrain_steps=0", "rewards.credit=sequence",
+                 *[f"{k}={v}" for k, v in extra.items()]]
     return load_config(None, overrides)
+
+
+def test_the_main_profiles_patch_sits_on_the_prompt_corpus_commonest_tokens(tiny_generator_dir, texts_file,
+                                                                           tmp_path):
+    from dpg.generator import load_generator
+    from dpg.targets import commonest_tokens
+
+    cfg = tiny_config(tiny_generator_dir, texts_file, str(tmp_path), f"sqlite:///{tmp_path}/m.db",
+                      **{"target.options": '{"token_ids": "commonest"}'})
+    _, tokenizer = load_generator(tiny_generator_dir)
+    _, _, target = dpg.loop.load_target(cfg, tokenizer)
+    texts = pd.read_parquet(texts_file)["text"].tolist()
+    assert list(target.token_ids) == commonest_tokens("pattern:67", tokenizer, texts, 7)
+    assert len(set(target.token_ids)) == 7 and min(target.token_ids) >= 3  # no <pad>, <eos>, <unk>
 
 
 def stage_digests(cfg, it, name):

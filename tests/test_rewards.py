@@ -156,7 +156,8 @@ def test_random_reward_through_loop_group_rewards_needs_no_sft():
 
 def test_an_empty_completion_keeps_its_sft_slot_and_gets_no_reward(setup, caplog):
     cfg = load_config(None, ["target.tiny_hidden=32", "target.tiny_layers=1", "sft.microbatch=2", "sft.max_len=10",
-                             "sft.lr=0.5", "rollouts.n_rollouts=2"])
+                             "sft.lr=0.5", "rollouts.n_rollouts=2", "rewards.credit=sequence",
+                             "target.tiny_pretrain_steps=0", "target.options={}"])
     tok = make_tokenizer()
     model, tokenizer, target = loop.load_target(cfg, tok)
     texts = ["the cat sat on the mat", "", "a dog ran far away", "then came back home"]  # prompts 0-3, rollout 0
