@@ -443,8 +443,10 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: dict[s
             if not isinstance(node, dict):
                 raise DPGError(f"override {item!r}: {k} is not a section")
         node[keys[-1]] = value
-    rewards = data.get("rewards", {})
-    if profile and rewards.get("name", "dpg") != "dpg" and not any(o.startswith("rewards.credit=") for o in overrides):
+    rewards, said = data.get("rewards", {}), lambda key: any(o.startswith(key) for o in overrides)
+    if profile and rewards.get("name", "dpg") != "dpg" and not said("rewards.credit="):
         # a profile's token credit is for its dpg reward: a baseline swapped in by --set scores whole rollouts
         data["rewards"] = {**rewards, "credit": "sequence"}
+    if profile and said("target.spec=") and not said("target.options"):
+        data["target"] = {**data.get("target", {}), "options": {}}  # the profile's options were for its own target
     return DPGConfig.from_dict(data)

@@ -106,9 +106,14 @@ def test_the_device_resolves_where_the_stage_runs_and_a_missing_one_is_one_clear
     assert load_config(None, ["execution.device=cpu"]).run_id == load_config(None).run_id  # a run moves devices
 
 
-def test_a_baseline_swapped_into_the_main_profile_scores_whole_rollouts():
+def test_a_baseline_or_target_swapped_into_the_main_profile_drops_what_was_for_dpg_and_67():
     assert load_config(None).rewards.credit == "token-own"  # the profile's dpg reward, per token
     assert load_config(None, ["rewards.name=random"]).rewards.credit == "sequence"  # the control, as users run it
     assert load_config(None, ["rewards.name=naive"]).rewards.credit == "sequence"
     with pytest.raises(DPGError, match="rewards.credit='token' is invalid"):  # said explicitly: still an error
         load_config(None, ["rewards.name=naive", "rewards.credit=token"])
+    # another target set on the profile drops the profile's options for "67" (val_lm takes no token_ids)
+    assert load_config(None).target.options == {"token_ids": "commonest"}
+    assert load_config(None, ["target.spec=l2_norm"]).target.options == {}
+    assert load_config(None, ["target.spec=pattern:qr:x", "target.options.kappa=5"]).target.options == {
+        "token_ids": "commonest", "kappa": 5}

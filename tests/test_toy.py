@@ -65,7 +65,7 @@ def test_a_pretrained_tiny_target_is_seeded_and_has_learned_the_corpus():
             "target.tiny_layers=1"]
     _, tokenizer = load_generator("toy", seed=0, toy={"vocab": 64, "hidden": 32, "layers": 1})
     spec = "target.spec=val_lm:wiki-vital"
-    random_target = loop.load_target(load_config(None, [*base, spec]), tokenizer)
+    random_target = loop.load_target(load_config(None, [*base, spec, "target.tiny_pretrain_steps=0"]), tokenizer)
     a = loop.load_target(load_config(None, [*base, spec, "target.tiny_pretrain_steps=30"]), tokenizer)
     b = loop.load_target(load_config(None, [*base, spec, "target.tiny_pretrain_steps=30"]), tokenizer)
     wa, wb = (m.get_input_embeddings().weight for m in (a[0], b[0]))
