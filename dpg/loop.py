@@ -106,18 +106,20 @@ def load_target(cfg: DPGConfig, generator_tokenizer, device: torch.device | str 
     A `tiny` target is pretrained on the prompt corpus first when target.tiny_pretrain_steps > 0."""
     t = cfg.target
     seed = t.tiny_seed if t.model == "tiny" and t.tiny_seed is not None else cfg.seed
+    options = dict(t.options)
+    commonest = options.get("token_ids") == "commonest"  # the patch on the prompt corpus's commonest tokens
+    texts = [text for _, text in corpus(cfg)] if commonest or (t.model == "tiny" and t.tiny_pretrain_steps) else []
+    if commonest:
+        options["texts"] = texts
     with seeded(seed):
         if t.model == "tiny":
             model, tokenizer = small_llama(len(generator_tokenizer), t.tiny_hidden, t.tiny_layers, seed).to(device), \
                 generator_tokenizer
             if t.tiny_pretrain_steps:
-                pretrain(model, tokenizer, [text for _, text in corpus(cfg)], t.tiny_pretrain_steps, seed)
+                pretrain(model, tokenizer, texts, t.tiny_pretrain_steps, seed)
         else:
             model, tokenizer = load_causal_lm(t.model)
             model = model.to(device)
-        options = dict(t.options)
-        if options.get("token_ids") == "commonest":  # the patch on the prompt corpus's commonest tokens
-            options["texts"] = [text for _, text in corpus(cfg)]
         return model, tokenizer, get_target(t.spec, model, tokenizer, **options)
 
 

@@ -122,14 +122,10 @@ def verify(cfg: DPGConfig, iteration: int, k: int | None = None, subsets: int = 
     io.write_stage(url, {"verify.json": json.dumps(out, indent=1).encode()},
                    {"config_hash": cfg.hash, "inputs": inputs, "code": code_version(), "summary": summary}, options)
     if track:
-        from tasks.tracking import client
+        from tasks.tracking import client, find_run
 
-        mc = client(cfg)
-        experiment = mc.get_experiment_by_name(cfg.tracking.experiment)
-        found = mc.search_runs([experiment.experiment_id], f"tags.`dpg.run_id` = '{cfg.run_id}'", max_results=1) \
-            if experiment else []
-        if found:
-            run_id = found[0].info.run_id
+        mc, run_id = client(cfg), find_run(cfg)
+        if run_id:
             for name in ("proponents", "opponents", "random"):
                 for kind in ("actual", "predicted"):
                     mc.log_metric(run_id, f"verify_{name}_{kind}", summary[name][kind], step=iteration)
