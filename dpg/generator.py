@@ -213,23 +213,31 @@ def _sampling_probs(logits: Tensor, temperature: float, top_p: float) -> Tensor:
 @torch.no_grad()
 def _sample_batch(model: nn.Module, prompts: list[list[int]], seeds: list[int], ends: set[int], pad: int,
                   config: RolloutConfig) -> list[tuple[list[int], list[float]]]:
-    """Sample one completion per (left-padded) prompt with a KV cache; returns (token_ids, logprobs)."""
+    """Sample one completion per (left-padded) prompt with a KV cache; returns (token_ids, logprobs).
+
+    Each distinct prompt is encoded once and its cache copied to every row that continues it (a prompt's n
+    rollouts share one prefill)."""
     device = next(model.parameters()).device
-    B, L = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, L), pad, dtype=torch.long, device=device)
-    mask = torch.zeros((B, L), dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        ids[b, L - len(p):], mask[b, L - len(p):] = torch.tensor(p, device=device), 1
-    position = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L): left padding does not shift positions
-    gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    unique, row_of = shared_prefixes(prompts)
+    U, L = len(unique), max(len(p) for p in unique)
+    ids = torch.full((U, L), pad, dtype=torch.long, device=device)
+    mask = torch.zeros((U, L), dtype=torch.long, device=device)
+    for u, p in enumerate(unique):
+        ids[u, L - len(p):], mask[u, L - len(p):] = torch.tensor(p, device=device), 1
+    position = (mask.cumsum(-1) - 1).clamp(min=0)  # (U, L): left padding does not shift positions
     out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
     cache_key = "cache" if hasattr(out, "cache") else "past_key_values"  # renamed in transformers 5.x
-    next_pos = position[:, -1:] + 1  # (B, 1)
+    cache, B = getattr(out, cache_key), len(prompts)
+    index = torch.tensor(row_of, device=device)
+    if U < B:
+        cache.reorder_cache(index)  # (U, ...) -> (B, ...): row b continues prompt row_of[b]
+    logits, mask, next_pos = out.logits[index, -1], mask[index], position[index, -1:] + 1  # next_pos: (B, 1)
+    gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     tokens: list[list[int]] = [[] for _ in range(B)]
     logprobs: list[list[float]] = [[] for _ in range(B)]
     done = [False] * B
     for _ in range(config.max_new_tokens):
-        logits = out.logits[:, -1].to(torch.promote_types(out.logits.dtype, torch.float32))  # (B, V)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (B, V)
         logp = F.log_softmax(logits, dim=-1)  # temperature 1, full vocabulary: what the policy ratio needs
         probs = _sampling_probs(logits, config.temperature, config.top_p)
         step = torch.stack([torch.multinomial(probs[b], 1, generator=gens[b]) for b in range(B)])  # (B, 1)
@@ -243,16 +251,25 @@ def _sample_batch(model: nn.Module, prompts: list[list[int]], seeds: list[int], 
             break
         mask = torch.cat([mask, mask.new_ones((B, 1))], dim=1)  # finished rows keep going, ignored
         out = model(input_ids=step, attention_mask=mask, position_ids=next_pos, use_cache=True,
-                    **{cache_key: getattr(out, cache_key)})
-        next_pos = next_pos + 1
+                    **{cache_key: cache})
+        logits, cache, next_pos = out.logits[:, -1], getattr(out, cache_key), next_pos + 1
     return list(zip(tokens, logprobs))
+
+
+def shared_prefixes(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """(the distinct prompts in order of first appearance, the index into them of each prompt)."""
+    first: dict[tuple[int, ...], int] = {}
+    row_of = [first.setdefault(tuple(p), len(first)) for p in prompts]
+    return [list(p) for p in first], row_of
 
 
 def sequence_logprobs(model: nn.Module, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[Tensor]:
     """Per-token log-probs of each completion given its prompt, under `model` at temperature 1.
 
     One batched forward pass over `prompt + completion` rows, right-padded (position ids from the attention
-    mask), differentiable: the GRPO update calls it with gradients on. Row b returns a tensor of shape
+    mask), differentiable: the GRPO update calls it with gradients on. Completions of a repeated prompt (a
+    prompt's n rollouts) share one encoding of it instead: one forward of the prompt, its KV cache copied to
+    each completion. Row b returns a tensor of shape
     (len(completion_ids[b]),): `log softmax(logits[j - 1])[x_j]` for every completion token x_j. Call it in
     eval mode (no dropout) to reproduce `Rollout.logprobs`.
     """
@@ -263,6 +280,14 @@ def sequence_logprobs(model: nn.Module, prompt_ids: list[list[int]], completion_
         return []
     if any(len(p) == 0 for p in prompt_ids):
         raise DPGError("sequence_logprobs got an empty prompt; every completion needs at least one context token")
+    unique, row_of = shared_prefixes(prompt_ids)
+    if len(unique) < len(prompt_ids) and all(len(c) for c in completion_ids):
+        result: list[Tensor] = [torch.empty(0)] * len(prompt_ids)
+        for u, prompt in enumerate(unique):
+            members = [b for b, r in enumerate(row_of) if r == u]
+            for b, lp in zip(members, _continuation_logprobs(model, prompt, [completion_ids[b] for b in members])):
+                result[b] = lp
+        return result
     device = next(model.parameters()).device
     rows = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
     B, L = len(rows), max(len(r) for r in rows)
@@ -283,6 +308,28 @@ def sequence_logprobs(model: nn.Module, prompt_ids: list[list[int]], completion_
         row = row.to(torch.promote_types(row.dtype, torch.float32))
         result.append(F.log_softmax(row, dim=-1).gather(-1, ids[b, start:start + n, None]).squeeze(-1))  # (n,)
     return result
+
+
+def _continuation_logprobs(model: nn.Module, prompt: list[int], completions: list[list[int]]) -> list[Tensor]:
+    """sequence_logprobs of several non-empty completions of one prompt: the prompt is encoded once (with
+    gradients) and its KV cache copied to every completion, which the backward pass sums back."""
+    device = next(model.parameters()).device
+    P, G, C = len(prompt), len(completions), max(len(c) for c in completions)
+    out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
+    cache = getattr(out, "cache" if hasattr(out, "cache") else "past_key_values")  # renamed in transformers 5.x
+    cache.reorder_cache(torch.zeros(G, dtype=torch.long, device=device))  # (1, ...) -> (G, ...)
+    ids = torch.zeros((G, C), dtype=torch.long, device=device)  # pad id 0: masked, never scored
+    mask = torch.zeros((G, P + C), dtype=torch.long, device=device)
+    mask[:, :P] = 1
+    for b, c in enumerate(completions):
+        ids[b, :len(c)], mask[b, P:P + len(c)] = torch.tensor(c, device=device), 1
+    position = torch.arange(P, P + C, device=device).expand(G, C)
+    rest = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True,
+                 **{"cache" if hasattr(out, "cache") else "past_key_values": cache}).logits  # (G, C, V)
+    logits = torch.cat([out.logits[:, -1:].expand(G, 1, -1), rest[:, :-1]], dim=1)  # (G, C, V): j predicts j
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return [F.log_softmax(logits[b, :len(c)], dim=-1).gather(-1, ids[b, :len(c), None]).squeeze(-1)
+            for b, c in enumerate(completions)]
 
 
 def target_rows(rollouts: list[Rollout] | list[str], target_tokenizer, max_len: int) -> list[list[int]]:

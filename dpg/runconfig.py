@@ -369,7 +369,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "target": {"options": {"token_ids": "commonest"}, "tiny_pretrain_steps": 300},
         "generator": {"source": "smollm2", "lora_rank": 16},
         "prompts": {"per_iteration": 4},
-        "rollouts": {"n_rollouts": 4, "max_new_tokens": 32},
+        "rollouts": {"n_rollouts": 4, "max_new_tokens": 32, "batch_size": 16},  # 4 prompts, each prefilled once
         "sft": {"optimizer": "sgd", "lr": 0.5, "microbatch": 2, "grad_accum": 1, "max_len": 64},
         "rewards": {"credit": "token-own"},
         "policy": {"lr": 1e-3, "microbatch": 4},  # LoRA adapters take a larger lr than full fine-tuning

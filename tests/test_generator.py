@@ -131,6 +131,44 @@ def test_sequence_logprobs_is_differentiable_and_batch_independent():
         assert torch.allclose(got.detach(), expected, atol=1e-6)
 
 
+def test_a_shared_prompt_is_encoded_once_with_the_same_logprobs_and_gradients():
+    """A prompt's rollouts share one forward of it (KV cache copied to each completion): log-probs and their
+    gradients are those of separate full passes, to float64 rounding."""
+    model, _ = tiny_generator()
+    model = model.double()
+    prompts = [[3, 4, 5], [3, 4, 5], [6, 7], [3, 4, 5]]
+    completions = [[10, 11, 1], [12], [13, 14], [15, 16, 17, 18]]
+
+    def grads(logps):
+        model.zero_grad(set_to_none=True)
+        sum((x * torch.arange(1, len(x) + 1)).sum() for x in logps).backward()  # a different weight per token
+        return {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+
+    shared = sequence_logprobs(model, prompts, completions)
+    g_shared = grads(shared)
+    alone = [sequence_logprobs(model, [p], [c])[0] for p, c in zip(prompts, completions)]
+    g_alone = grads(alone)
+    assert [x.shape for x in shared] == [(3,), (1,), (2,), (4,)]
+    for x, y in zip(shared, alone):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
+    assert g_shared.keys() == g_alone.keys()
+    for n in g_alone:
+        torch.testing.assert_close(g_shared[n], g_alone[n], rtol=0, atol=1e-12, msg=n)
+
+
+def test_rollouts_of_a_shared_prefill_match_their_rescoring():
+    """Sampling encodes each prompt once for its n rollouts: the stored log-probs are what a full pass
+    gives, and each rollout's tokens do not depend on how many rollouts share its prompt's batch."""
+    model, tok = tiny_generator()
+    model = model.double()
+    four = sample_rollouts(model, tok, PROMPTS, RolloutConfig(n_rollouts=4, max_new_tokens=6, batch_size=12), 0, "v")
+    one = sample_rollouts(model, tok, PROMPTS, RolloutConfig(n_rollouts=4, max_new_tokens=6, batch_size=1), 0, "v")
+    assert [r.token_ids for r in four] == [r.token_ids for r in one]
+    rescored = [sequence_logprobs(model, [r.prompt_token_ids], [r.token_ids])[0] for r in four]
+    for r, lp in zip(four, rescored):
+        torch.testing.assert_close(torch.tensor(r.logprobs, dtype=torch.float64), lp.detach(), rtol=0, atol=1e-10)
+
+
 def test_sequence_logprobs_rejects_mismatched_or_empty_prompts():
     model, _ = tiny_generator()
     with pytest.raises(DPGError, match="2 prompts but 1 completions"):
