@@ -316,7 +316,8 @@ def _continuation_logprobs(model: nn.Module, prompt: list[int], completions: lis
     device = next(model.parameters()).device
     P, G, C = len(prompt), len(completions), max(len(c) for c in completions)
     out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
-    cache = getattr(out, "cache" if hasattr(out, "cache") else "past_key_values")  # renamed in transformers 5.x
+    key = "cache" if hasattr(out, "cache") else "past_key_values"  # renamed in transformers 5.x
+    cache = getattr(out, key)
     cache.reorder_cache(torch.zeros(G, dtype=torch.long, device=device))  # (1, ...) -> (G, ...)
     ids = torch.zeros((G, C), dtype=torch.long, device=device)  # pad id 0: masked, never scored
     mask = torch.zeros((G, P + C), dtype=torch.long, device=device)
@@ -325,7 +326,7 @@ def _continuation_logprobs(model: nn.Module, prompt: list[int], completions: lis
         ids[b, :len(c)], mask[b, P:P + len(c)] = torch.tensor(c, device=device), 1
     position = torch.arange(P, P + C, device=device).expand(G, C)
     rest = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True,
-                 **{"cache" if hasattr(out, "cache") else "past_key_values": cache}).logits  # (G, C, V)
+                 **{key: cache}).logits  # (G, C, V)
     logits = torch.cat([out.logits[:, -1:].expand(G, 1, -1), rest[:, :-1]], dim=1)  # (G, C, V): j predicts j
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return [F.log_softmax(logits[b, :len(c)], dim=-1).gather(-1, ids[b, :len(c), None]).squeeze(-1)

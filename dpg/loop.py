@@ -98,12 +98,13 @@ def pretrain(model: nn.Module, tokenizer, texts: list[str], steps: int, seed: in
     return model.eval()
 
 
-def load_target(cfg: DPGConfig, generator_tokenizer, device: torch.device | str = "cpu"
-                ) -> tuple[nn.Module, Any, Any]:
+def load_target(cfg: DPGConfig, generator_tokenizer, device: torch.device | str = "cpu",
+                state: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, Any, Any]:
     """(target model on `device`, its tokenizer, the target metric Phi); any draw while building them is seeded
     by cfg.seed (a `tiny` target's by target.tiny_seed when it is set); the weights are drawn on the CPU, so a
     `tiny` target starts the same on every device.
-    A `tiny` target is pretrained on the prompt corpus first when target.tiny_pretrain_steps > 0."""
+    A `tiny` target is pretrained on the prompt corpus first when target.tiny_pretrain_steps > 0, unless `state`
+    holds its weights after that pretraining (`tiny_state`, e.g. as a run stored them): they are loaded instead."""
     t = cfg.target
     seed = t.tiny_seed if t.model == "tiny" and t.tiny_seed is not None else cfg.seed
     options = dict(t.options)
@@ -115,12 +116,30 @@ def load_target(cfg: DPGConfig, generator_tokenizer, device: torch.device | str 
         if t.model == "tiny":
             model, tokenizer = small_llama(len(generator_tokenizer), t.tiny_hidden, t.tiny_layers, seed).to(device), \
                 generator_tokenizer
-            if t.tiny_pretrain_steps:
+            if state is not None:
+                try:
+                    got = model.load_state_dict(state, strict=False)  # the tied head is the embedding: one tensor
+                except RuntimeError:  # a shape differs
+                    got = None
+                if got is None or got.unexpected_keys or tiny_state(model).keys() != state.keys():
+                    raise DPGError(f"the stored weights do not fit the tiny target (target.tiny_hidden="
+                                   f"{t.tiny_hidden}, tiny_layers={t.tiny_layers}); delete them to pretrain anew")
+            elif t.tiny_pretrain_steps:
                 pretrain(model, tokenizer, texts, t.tiny_pretrain_steps, seed)
         else:
             model, tokenizer = load_causal_lm(t.model)
             model = model.to(device)
         return model, tokenizer, get_target(t.spec, model, tokenizer, **options)
+
+
+def tiny_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A `tiny` target's weights on the CPU, each shared tensor once (its head is tied to its embedding)."""
+    seen, state = set(), {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            state[name] = tensor.detach().cpu().contiguous()
+    return state
 
 
 def group_ids(cfg: DPGConfig) -> list[int]:

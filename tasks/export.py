@@ -140,16 +140,13 @@ def export_generator(cfg: DPGConfig, spec: str, out: str, register: bool = True)
 
 
 def register_generator(cfg: DPGConfig, folder: str, lineage: dict) -> dict:
-    from tasks.tracking import client
+    from tasks.tracking import client, find_run
 
-    mc = client(cfg)
-    experiment = mc.get_experiment_by_name(cfg.tracking.experiment)
-    found = mc.search_runs([experiment.experiment_id], f"tags.`dpg.run_id` = '{cfg.run_id}'", max_results=1) \
-        if experiment else []
-    if not found:
+    mc, run_id = client(cfg), find_run(cfg)
+    if run_id is None:
         raise DPGError(f"no MLflow run of {cfg.run_id} at {mc.tracking_uri}; export with --no-register, or set "
                        "tracking.uri with --set to where the run was tracked")
-    run = found[0]
+    run = mc.get_run(run_id)
     last = lineage["updates"][-1]
     path = f"export/generator-iter-{last['iteration']:04d}"
     mc.log_artifacts(run.info.run_id, folder, path)

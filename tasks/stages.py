@@ -40,6 +40,8 @@ from dpg.records import Reward, Rollout, SFTRun, as_rows
 from dpg.runconfig import NOT_IDENTITY, DPGConfig, differing_keys
 from tasks import io
 
+TARGET_FILE = "model.safetensors"
+
 
 def run_url(cfg: DPGConfig) -> str:
     return io.join(cfg.storage.url, cfg.run_id)
@@ -150,11 +152,13 @@ def prepare_run(cfg: DPGConfig) -> str:
         stored = json.loads(io.read_bytes(url, options))
     except FileNotFoundError:
         io.write_bytes(url, json.dumps(cfg.to_dict(), indent=1, sort_keys=True, default=str).encode(), options)
+        store_target(cfg)
         return run_url(cfg)
     keys = differing_keys({k: v for k, v in stored.items() if k not in NOT_IDENTITY}, cfg.identity())
     if keys:
         raise DPGError(f"run {cfg.run_id} at {run_url(cfg)} was started with a different config "
                        f"({', '.join(keys)}); resume with the original config or start a new run")
+    store_target(cfg)
     return run_url(cfg)
 
 
@@ -182,16 +186,61 @@ def base_generator(cfg: DPGConfig, device: str | None = None):
                            device or stage_device(cfg))
 
 
-@functools.lru_cache(maxsize=2)
-def _target(cfg_json: str, device: str):
-    cfg = DPGConfig.from_dict(json.loads(cfg_json))
-    return loop.load_target(cfg, base_generator(cfg, device)[1], device)
+_targets: dict[tuple[str, str, str], tuple] = {}  # this process's targets, the last two asked for
+
+
+def _load_target(cfg: DPGConfig, device: str, stored: str):
+    state, options = None, cfg.storage.storage_options
+    manifest = io.verify_stage(stored, options) if stored else None
+    if manifest is not None and manifest["meta"].get("inputs") == target_inputs(cfg):
+        from safetensors.torch import load
+
+        state = load(io.read_file(stored, TARGET_FILE, options, manifest))
+    return loop.load_target(cfg, base_generator(cfg, device)[1], device, state)
+
+
+def target_inputs(cfg: DPGConfig) -> dict:
+    """What the target is built from (load_target): seed, target, generator (its tokenizer), prompts (the corpus)."""
+    return json.loads(json.dumps({k: cfg.to_dict()[k] for k in ("seed", "target", "generator", "prompts")},
+                                 sort_keys=True, default=str))
+
+
+def stored_target(cfg: DPGConfig) -> str:
+    """The run-level stage that holds a pretrained `tiny` target's weights, or "" when the target is not one."""
+    pretrained = cfg.target.model == "tiny" and cfg.target.tiny_pretrain_steps > 0
+    return io.join(run_url(cfg), "target") if pretrained else ""
 
 
 def target_for(cfg: DPGConfig, device: str | None = None):
-    """(target model, tokenizer, Phi) on `device` (None: execution.device), cached for this process."""
-    return _target(json.dumps({k: cfg.to_dict()[k] for k in ("seed", "target", "generator")}, sort_keys=True),
-                   device or stage_device(cfg))
+    """(target model, tokenizer, Phi) on `device` (None: execution.device), cached for this process. A pretrained
+    `tiny` target is loaded from its run's `target` stage when store_target wrote it, and pretrained otherwise."""
+    key = (json.dumps(target_inputs(cfg), sort_keys=True), device or stage_device(cfg), stored_target(cfg))
+    if key not in _targets:
+        if len(_targets) >= 2:
+            _targets.pop(next(iter(_targets)))
+        _targets[key] = _load_target(cfg, key[1], key[2])
+    return _targets[key]
+
+
+def store_target(cfg: DPGConfig) -> None:
+    """Store a pretrained `tiny` target's weights with the run (`<run>/target/`) unless they are there: a resumed
+    run, every worker process, audit, export and finetune load them in place of pretraining again."""
+    url, options = stored_target(cfg), cfg.storage.storage_options
+    if not url:
+        return
+    manifest = io.verify_stage(url, options)
+    if manifest is not None and manifest["meta"].get("inputs") == target_inputs(cfg):
+        return
+    from safetensors.torch import save
+
+    model = target_for(cfg, preflight_device(cfg))[0]
+    io.write_stage(url, {TARGET_FILE: save(loop.tiny_state(model))},
+                   {"inputs": target_inputs(cfg), "code": code_version()}, options)
+
+
+def preflight_device(cfg: DPGConfig) -> str:
+    """Where the flow's own process builds the models: execution.device inline; the CPU when workers run the stages."""
+    return stage_device(cfg) if cfg.execution.mode == "inline" else "cpu"
 
 
 def generator_at(cfg: DPGConfig, it: int):
@@ -250,7 +299,7 @@ def preflight(cfg: DPGConfig, models: bool = True) -> None:
                        f"{cfg.prompts.text_column!r}; give a corpus with at least one non-blank text")
     text_metrics(["a probe text"], list(cfg.target.text_metrics))
     if models:  # inline, the stages of this process use these; a worker resolves execution.device itself
-        device = stage_device(cfg) if cfg.execution.mode == "inline" else "cpu"
+        device = preflight_device(cfg)
         _, tokenizer = base_generator(cfg, device)
         loop.select_prompts(cfg, 0, tokenizer)  # the template's slot, max_prompt_tokens
         _, target_tokenizer, _ = target_for(cfg, device)

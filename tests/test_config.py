@@ -63,7 +63,8 @@ def test_one_seed_drives_every_stage_and_no_section_has_its_own():
 def test_run_ids_stay_those_that_stored_runs_have():
     # computed by dpg before one-seed (commit 389f6fe): the main job as it was then, and a grid cell that set
     # every seed to 3
-    before = ["target.options={}", "target.tiny_pretrain_steps=0", "rewards.credit=sequence", "policy.lr=2e-4"]
+    before = ["target.options={}", "target.tiny_pretrain_steps=0", "rewards.credit=sequence", "policy.lr=2e-4",
+              "rollouts.batch_size=8"]
     assert load_config(None, before).run_id == "dpg-73cafac66214"
     assert load_config("experiments/pattern-67.yaml", ["seed=3"]).run_id == "pattern-67-c408d24c3a0d"
 

@@ -181,7 +181,7 @@ def test_kill_9_at_random_moments_then_resume_gives_the_records_of_an_uninterrup
 
     reference = tiny_config(tiny_generator_dir, texts_file, str(tmp_path / "ref"), f"sqlite:///{tmp_path}/ref.db")
     tasks.stages._base_generator.cache_clear()
-    tasks.stages._target.cache_clear()
+    tasks.stages._targets.clear()
     optimize(reference)
     cfg = tiny_config(tiny_generator_dir, texts_file, str(tmp_path / "killed"), f"sqlite:///{tmp_path}/killed.db")
     config = tmp_path / "job.json"

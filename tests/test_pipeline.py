@@ -1,6 +1,7 @@
 """The pipeline end to end on tiny models: real Prefect flow runs, real MLflow (sqlite), Parquet on a real S3
 API (moto on 127.0.0.1) and on a local folder; resume after a failure recomputes nothing that was finished."""
 
+import dataclasses
 import json
 
 import pandas as pd
@@ -122,6 +123,49 @@ def test_resume_after_failure_recomputes_nothing_and_matches_uninterrupted_run(
             assert stage_digests(cfg, it, name)[0] == stage_digests(straight, it, name)[0], (it, name)
 
 
+def test_a_pretrained_target_is_stored_with_the_run_and_a_resume_loads_it_instead_of_pretraining(
+        prefect_harness, tiny_generator_dir, texts_file, tmp_path, monkeypatch):
+    import torch
+
+    import tasks.stages
+    from flows.optimize import optimize
+    from tasks.stages import stored_target, target_for, target_inputs
+
+    pretrained = {"target.tiny_pretrain_steps": 5}
+    straight = tiny_config(tiny_generator_dir, texts_file, str(tmp_path / "a"), f"sqlite:///{tmp_path}/a.db",
+                           **pretrained)
+    optimize(straight)
+    cfg = tiny_config(tiny_generator_dir, texts_file, str(tmp_path / "b"), f"sqlite:///{tmp_path}/b.db",
+                      **pretrained, outer_iterations=1)
+    optimize(cfg)
+    manifest = io.verify_stage(stored_target(cfg))
+    assert manifest is not None and manifest["meta"]["inputs"] == target_inputs(cfg)
+    weights = {k: v.clone() for k, v in target_for(cfg)[0].state_dict().items()}  # pretrained in this process
+
+    tasks.stages._targets.clear()  # as a new process (a resume, a worker, `dpg audit`) would start
+    monkeypatch.setattr(dpg.loop, "pretrain", lambda *a, **k: pytest.fail("the stored target was pretrained again"))
+    loaded = target_for(cfg)[0].state_dict()
+    assert weights.keys() == loaded.keys() and all(torch.equal(weights[k], loaded[k]) for k in weights)
+    optimize(dataclasses.replace(cfg, outer_iterations=2))  # resumed to a second iteration
+    for name in ("rollouts", "sft-g0", "sft-g1", "rewards", "generator", "eval"):
+        assert stage_digests(cfg, 1, name)[0] == stage_digests(straight, 1, name)[0], name
+
+
+def test_stored_target_weights_that_do_not_fit_are_one_clear_error(tiny_generator_dir, texts_file, tmp_path):
+    from dpg.errors import DPGError
+    from dpg.generator import load_generator
+
+    cfg = tiny_config(tiny_generator_dir, texts_file, str(tmp_path), f"sqlite:///{tmp_path}/m.db",
+                      **{"target.tiny_pretrain_steps": 2})
+    _, tokenizer = load_generator(tiny_generator_dir)
+    state = dpg.loop.tiny_state(dpg.loop.load_target(cfg, tokenizer)[0])
+    wider = dataclasses.replace(cfg, target=dataclasses.replace(cfg.target, tiny_hidden=64))
+    with pytest.raises(DPGError, match="do not fit the tiny target"):
+        dpg.loop.load_target(wider, tokenizer, state=state)
+    with pytest.raises(DPGError, match="do not fit the tiny target"):
+        dpg.loop.load_target(cfg, tokenizer, state={k: v for k, v in list(state.items())[:-1]})
+
+
 def test_changed_config_refuses_to_resume_naming_the_keys(prefect_harness, tiny_generator_dir, texts_file,
                                                           tmp_path):
     from dpg.errors import DPGError
@@ -189,7 +233,7 @@ def test_two_runs_with_lora_write_identical_stages_and_leave_the_global_rng_alon
     runs = []
     for name in ("a", "b"):
         tasks.stages._base_generator.cache_clear()  # load the generator and the target again, as a new process would
-        tasks.stages._target.cache_clear()
+        tasks.stages._targets.clear()
         cfg = tiny_config(tiny_generator_dir, texts_file, str(tmp_path / name), f"sqlite:///{tmp_path}/{name}.db",
                           **{"generator.lora_rank": 2})
         state = torch.get_rng_state()
