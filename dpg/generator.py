@@ -226,7 +226,7 @@ def _sample_batch(model: nn.Module, prompts: list[list[int]], seeds: list[int], 
         ids[u, L - len(p):], mask[u, L - len(p):] = torch.tensor(p, device=device), 1
     position = (mask.cumsum(-1) - 1).clamp(min=0)  # (U, L): left padding does not shift positions
     out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
-    cache_key = "cache" if hasattr(out, "cache") else "past_key_values"  # renamed in transformers 5.x
+    cache_key = _cache_key(out)
     cache, B = getattr(out, cache_key), len(prompts)
     index = torch.tensor(row_of, device=device)
     if U < B:
@@ -254,6 +254,11 @@ def _sample_batch(model: nn.Module, prompts: list[list[int]], seeds: list[int], 
                     **{cache_key: cache})
         logits, cache, next_pos = out.logits[:, -1], getattr(out, cache_key), next_pos + 1
     return list(zip(tokens, logprobs))
+
+
+def _cache_key(out) -> str:
+    """The name of a model output's KV cache, as the forward pass also takes it (renamed in transformers 5.x)."""
+    return "cache" if hasattr(out, "cache") else "past_key_values"
 
 
 def shared_prefixes(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
@@ -316,7 +321,7 @@ def _continuation_logprobs(model: nn.Module, prompt: list[int], completions: lis
     device = next(model.parameters()).device
     P, G, C = len(prompt), len(completions), max(len(c) for c in completions)
     out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
-    key = "cache" if hasattr(out, "cache") else "past_key_values"  # renamed in transformers 5.x
+    key = _cache_key(out)
     cache = getattr(out, key)
     cache.reorder_cache(torch.zeros(G, dtype=torch.long, device=device))  # (1, ...) -> (G, ...)
     ids = torch.zeros((G, C), dtype=torch.long, device=device)  # pad id 0: masked, never scored

@@ -109,7 +109,8 @@ def load_target(cfg: DPGConfig, generator_tokenizer, device: torch.device | str 
     seed = t.tiny_seed if t.model == "tiny" and t.tiny_seed is not None else cfg.seed
     options = dict(t.options)
     commonest = options.get("token_ids") == "commonest"  # the patch on the prompt corpus's commonest tokens
-    texts = [text for _, text in corpus(cfg)] if commonest or (t.model == "tiny" and t.tiny_pretrain_steps) else []
+    pretraining = t.model == "tiny" and t.tiny_pretrain_steps and state is None
+    texts = [text for _, text in corpus(cfg)] if commonest or pretraining else []
     if commonest:
         options["texts"] = texts
     with seeded(seed):
@@ -124,7 +125,7 @@ def load_target(cfg: DPGConfig, generator_tokenizer, device: torch.device | str 
                 if got is None or got.unexpected_keys or tiny_state(model).keys() != state.keys():
                     raise DPGError(f"the stored weights do not fit the tiny target (target.tiny_hidden="
                                    f"{t.tiny_hidden}, tiny_layers={t.tiny_layers}); delete them to pretrain anew")
-            elif t.tiny_pretrain_steps:
+            elif pretraining:
                 pretrain(model, tokenizer, texts, t.tiny_pretrain_steps, seed)
         else:
             model, tokenizer = load_causal_lm(t.model)

@@ -189,14 +189,20 @@ def base_generator(cfg: DPGConfig, device: str | None = None):
 _targets: dict[tuple[str, str, str], tuple] = {}  # this process's targets, the last two asked for
 
 
-def _load_target(cfg: DPGConfig, device: str, stored: str):
-    state, options = None, cfg.storage.storage_options
-    manifest = io.verify_stage(stored, options) if stored else None
-    if manifest is not None and manifest["meta"].get("inputs") == target_inputs(cfg):
+def _load_target(cfg: DPGConfig, device: str):
+    state, manifest = None, stored_target_manifest(cfg)
+    if manifest is not None:
         from safetensors.torch import load
 
-        state = load(io.read_file(stored, TARGET_FILE, options, manifest))
+        state = load(io.read_file(stored_target(cfg), TARGET_FILE, cfg.storage.storage_options, manifest))
     return loop.load_target(cfg, base_generator(cfg, device)[1], device, state)
+
+
+def stored_target_manifest(cfg: DPGConfig) -> dict | None:
+    """The manifest of the run's stored target when it is complete, intact and built from this config's inputs."""
+    url = stored_target(cfg)
+    manifest = io.verify_stage(url, cfg.storage.storage_options) if url else None
+    return manifest if manifest is not None and manifest["meta"].get("inputs") == target_inputs(cfg) else None
 
 
 def target_inputs(cfg: DPGConfig) -> dict:
@@ -218,24 +224,20 @@ def target_for(cfg: DPGConfig, device: str | None = None):
     if key not in _targets:
         if len(_targets) >= 2:
             _targets.pop(next(iter(_targets)))
-        _targets[key] = _load_target(cfg, key[1], key[2])
+        _targets[key] = _load_target(cfg, key[1])
     return _targets[key]
 
 
 def store_target(cfg: DPGConfig) -> None:
     """Store a pretrained `tiny` target's weights with the run (`<run>/target/`) unless they are there: a resumed
     run, every worker process, audit, export and finetune load them in place of pretraining again."""
-    url, options = stored_target(cfg), cfg.storage.storage_options
-    if not url:
-        return
-    manifest = io.verify_stage(url, options)
-    if manifest is not None and manifest["meta"].get("inputs") == target_inputs(cfg):
+    if not stored_target(cfg) or stored_target_manifest(cfg) is not None:
         return
     from safetensors.torch import save
 
     model = target_for(cfg, preflight_device(cfg))[0]
-    io.write_stage(url, {TARGET_FILE: save(loop.tiny_state(model))},
-                   {"inputs": target_inputs(cfg), "code": code_version()}, options)
+    io.write_stage(stored_target(cfg), {TARGET_FILE: save(loop.tiny_state(model))},
+                   {"inputs": target_inputs(cfg), "code": code_version()}, cfg.storage.storage_options)
 
 
 def preflight_device(cfg: DPGConfig) -> str:
