@@ -258,3 +258,15 @@ def test_prefect_yaml_deploys_the_flows_on_their_pools():
                      "dpg-update-generator": "dpg-gpu"}
     advance = next(d for d in spec["deployments"] if d["entrypoint"].endswith(":advance"))
     assert advance["schedules"] and advance["parameters"]["iterations"] >= 1
+
+
+def test_prefect_yaml_config_is_the_main_recipe_with_a_kl_anchor():
+    """The deployments' example config is valid, and it is the main job's recipe plus the KL anchor a long run needs."""
+    from dpg.runconfig import PROFILES, DPGConfig
+
+    cfg = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())["definitions"]["cfg"]
+    DPGConfig.from_dict(cfg)
+    main = PROFILES["main"]
+    for section in ("target", "generator", "prompts", "rollouts", "sft", "rewards"):
+        assert cfg[section] == main[section], section
+    assert cfg["policy"] == {**main["policy"], "kl_coef": 0.1}
