@@ -14,6 +14,10 @@ over N batches of the initial generator, standardised over token ids. The run th
 these values: every completion token's advantage is its token's value. The column `token_value` is the
 mean value of the sampled tokens. If it stays flat, the generator cannot follow even a noise-free signal,
 and the fault lies in the update (step size, adapters), not in the reward.
+
+`--eval-sizes 32 128 512` asks how good the data the generator writes is beyond one batch: every `--eval-every`
+iterations (and at the last) it samples max(sizes) fresh completions of the current generator (their own prompts
+and draws) and reports the human metric after the eval's SFT on the first n of them (`wide<n>_*` columns).
 """
 
 from __future__ import annotations
@@ -57,7 +61,25 @@ def oracle_rewards(rollouts, value: dict[int, float]) -> list:
                    token_advantages=[value.get(t, 0.0) for t in r.token_ids]) for r in rollouts]
 
 
-def run(cfg, iterations: int, label: str, out, oracle: int = 0) -> None:
+def wide_eval(cfg, it: int, generator, tokenizer, sizes: list[int], target_model, target_tokenizer, target) -> dict:
+    """The human metric after the eval's SFT on the first n of max(sizes) fresh completions of the current
+    generator, for each n in sizes (prompts and samples of outer iteration 10**7 + it, not the run's)."""
+    from dataclasses import replace
+
+    from dpg import loop
+
+    per = -(-max(sizes) // cfg.rollouts.n_rollouts)
+    wide = replace(cfg, prompts=replace(cfg.prompts, per_iteration=per))
+    texts = [r.text for r in loop.sample(wide, 10**7 + it, generator, tokenizer, "wide")]
+    got = {}
+    for n in sizes:
+        report = target.report(loop.fine_tune(cfg, texts[:n], target_model, target_tokenizer, 10**7 + it))
+        got |= {f"wide{n}_{k}": v for k, v in report.items()}
+    return got
+
+
+def run(cfg, iterations: int, label: str, out, oracle: int = 0, eval_sizes: list[int] | None = None,
+        eval_every: int = 5) -> None:
     from dpg import loop
     from dpg.policy import policy_optimizer
 
@@ -68,6 +90,8 @@ def run(cfg, iterations: int, label: str, out, oracle: int = 0) -> None:
     for it in range(iterations):
         rollouts = loop.sample(cfg, it, generator, tokenizer, f"v{it}")
         metrics, _ = loop.evaluate(cfg, rollouts, *target_parts)
+        if eval_sizes and (it % eval_every == 0 or it == iterations - 1):
+            metrics |= wide_eval(cfg, it, generator, tokenizer, eval_sizes, *target_parts)
         if value is None:
             taus, credit = rewards_of(cfg, rollouts, *target_parts)
             rewards = loop.advantages(cfg, rollouts, taus, credit)
@@ -94,6 +118,9 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--oracle", type=int, default=0, metavar="N",
                         help="reward each token by its value from N batches of the initial generator")
+    parser.add_argument("--eval-sizes", type=int, nargs="+", default=[], metavar="N",
+                        help="every --eval-every iterations, also fine-tune on N fresh completions (a larger eval)")
+    parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--label", default="")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -102,7 +129,8 @@ def main() -> int:
     with open(args.out, "a") as out:
         for seed in args.seeds:
             cfg = load_config(args.config, [*args.set, f"seed={seed}"])
-            run(cfg, args.iterations, args.label or " ".join(args.set) or "config", out, args.oracle)
+            run(cfg, args.iterations, args.label or " ".join(args.set) or "config", out, args.oracle,
+                args.eval_sizes, args.eval_every)
     return 0
 
 
