@@ -68,12 +68,13 @@ def wide_eval(cfg, it: int, generator, tokenizer, sizes: list[int], target_model
 
     from dpg import loop
 
+    fresh = 10**7 + it  # an outer iteration no run reaches: prompts and draws of its own
     per = -(-max(sizes) // cfg.rollouts.n_rollouts)
     wide = replace(cfg, prompts=replace(cfg.prompts, per_iteration=per))
-    texts = [r.text for r in loop.sample(wide, 10**7 + it, generator, tokenizer, "wide")]
+    texts = [r.text for r in loop.sample(wide, fresh, generator, tokenizer, "wide")]
     got = {}
     for n in sizes:
-        report = target.report(loop.fine_tune(cfg, texts[:n], target_model, target_tokenizer, 10**7 + it))
+        report = target.report(loop.fine_tune(cfg, texts[:n], target_model, target_tokenizer, fresh))
         got |= {f"wide{n}_{k}": v for k, v in report.items()}
     return got
 
@@ -120,7 +121,8 @@ def main() -> int:
                         help="reward each token by its value from N batches of the initial generator")
     parser.add_argument("--eval-sizes", type=int, nargs="+", default=[], metavar="N",
                         help="every --eval-every iterations, also fine-tune on N fresh completions (a larger eval)")
-    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--eval-every", type=int, default=5, metavar="K",
+                        help="iterations between the --eval-sizes evals (the last iteration always has one)")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
