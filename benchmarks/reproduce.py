@@ -82,6 +82,16 @@ DEMOS = {
              "methods": CONTROLS | {"levenshtein": {"rewards.name": "levenshtein", "rewards.goal": UUID_GOAL,
                                                             "rewards.credit": "sequence"}}},
 }
+
+
+def fresh(key: str) -> str:
+    """The fresh eval's name of a metric (target.eval_fresh; dpg.loop.evaluate_fresh)."""
+    return key.replace("eval_", "eval_fresh_", 1).replace("text_", "text_fresh_", 1)
+
+
+for spec in DEMOS.values():  # the fresh eval's metrics, shown where a grid has them
+    spec["metrics"] |= {fresh(k): v for k, v in spec["metrics"].items()}
+    spec["chance"] |= {fresh(k): v for k, v in spec["chance"].items()}
 KEYS = ["demo", "method", "seed", "iteration"]
 PREFECT_LOG = re.compile(r"\d\d:\d\d:\d\d\.\d+ \| ")  # "08:34:51.422 | INFO    | prefect - ..."
 
@@ -334,8 +344,9 @@ def write_report(frame, cells: list[tuple], out: Path, ledger: dict) -> None:
         walls = {m: [e["seconds"] for n, e in ledger.get("cells", {}).items() if n.startswith(f"{demo}-{m}-s")]
                  for m in dict.fromkeys(part["method"])}
         for metric, higher in DEMOS[demo]["metrics"].items():
-            if metric not in part:
-                lines += [f"`{metric}`: not in the stored metrics.", ""]
+            if metric not in part or part[metric].isna().all():
+                if "_fresh_" not in metric:  # the fresh eval is optional
+                    lines += [f"`{metric}`: not in the stored metrics.", ""]
                 continue
             lines += [f"`{metric}` ({'higher' if higher else 'lower'} is better); first = iteration 0, "
                       f"final = iteration {final}, mean ± sample std over seeds:", ""]
@@ -360,16 +371,17 @@ def pyplot():
 
 def plot_demo(frame, demo: str, out: Path) -> None:
     plt = pyplot()
-    metrics = [m for m in DEMOS[demo]["metrics"] if m in frame]
+    metrics = [m for m in DEMOS[demo]["metrics"] if m in frame and frame[m].notna().any()]
     if not metrics:
         return
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
     window = max(1, (int(frame["iteration"].max()) + 1) // 12)  # each eval is one SFT run: noisy per iteration
     for ax, metric in zip(axes[0], metrics):
         for method, part in frame.groupby("method", sort=False):
-            part = part.sort_values(["seed", "iteration"])
+            sparse = part[metric].isna().any()  # the fresh eval, every target.eval_fresh_every iterations: unsmoothed
+            part = part.dropna(subset=[metric]).sort_values(["seed", "iteration"])
             smooth = part.groupby("seed")[metric].transform(
-                lambda x: x.rolling(window, min_periods=1, center=True).mean())
+                lambda x: x.rolling(1 if sparse else window, min_periods=1, center=True).mean())
             stats = smooth.groupby(part["iteration"]).agg(["mean", "std", "count"])
             line, = ax.plot(stats.index, stats["mean"], marker="o" if len(stats) <= 20 else None, markersize=3,
                             label=f"{method} (n={int(stats['count'].max())})")

@@ -15,6 +15,7 @@ tau NaN, advantage 0, `empty` in the audit table), and a flat batch (no reward s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -209,6 +210,38 @@ def evaluate(cfg: DPGConfig, rollouts: list[Rollout], target_model: nn.Module, t
                                                             target.token_ids)
     n = len(rollouts) // cfg.sft.step_size * cfg.sft.step_size
     return {f"eval_{k}": float(v) for k, v in report.items()} | {"eval_examples": float(n)} | texts, pictures
+
+
+def fresh_due(cfg: DPGConfig, outer_iteration: int) -> bool:
+    """Whether iteration `outer_iteration` has the fresh eval (target.eval_fresh > 0): at iteration 0, and where
+    outer_iteration + 1 is a multiple of target.eval_fresh_every."""
+    t = cfg.target
+    return t.eval_fresh > 0 and (outer_iteration == 0 or (outer_iteration + 1) % t.eval_fresh_every == 0)
+
+
+def sample_fresh(cfg: DPGConfig, outer_iteration: int, generator: nn.Module, tokenizer,
+                 generator_version: str) -> list[Rollout]:
+    """target.eval_fresh new completions of `generator` (the one that sampled `outer_iteration`), with prompts and
+    draws of their own: the corpus in an order seeded by stage_seed(seed, it, "fresh"), as many prompts as the
+    completions need, rollouts seeded from that same seed. Their example ids are `fresh-<it>-<prompt>-<rollout>`."""
+    seed = stage_seed(cfg.seed, outer_iteration, "fresh")
+    texts = corpus(cfg)
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    n = cfg.target.eval_fresh
+    chosen = [texts[order[j % len(order)]] for j in range(-(-n // cfg.rollouts.n_rollouts))]
+    prompts = build_prompts(chosen, cfg.prompts.template or DEFAULT_TEMPLATE, cfg.prompts.max_prompt_tokens,
+                            tokenizer=tokenizer)
+    rollouts = sample_rollouts(generator, tokenizer, prompts, dataclasses.replace(cfg.rollouts, seed=seed),
+                               outer_iteration, generator_version)[:n]
+    return [dataclasses.replace(r, example_id=f"fresh-{r.example_id}") for r in rollouts]
+
+
+def evaluate_fresh(cfg: DPGConfig, fresh: list[Rollout], target_model: nn.Module, target_tokenizer,
+                   target) -> dict[str, float]:
+    """`evaluate` on `sample_fresh`'s completions: its metrics renamed eval_fresh_* and text_fresh_*."""
+    metrics, _ = evaluate(cfg, fresh, target_model, target_tokenizer, target)
+    return {k.replace("eval_", "eval_fresh_", 1).replace("text_", "text_fresh_", 1): v for k, v in metrics.items()}
 
 
 def fine_tune(cfg: DPGConfig, rollouts: list[Rollout] | list[str], target_model: nn.Module, target_tokenizer,

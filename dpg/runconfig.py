@@ -44,6 +44,14 @@ class TargetConfig:
     tiny_seed: int | None = None
     """Seed of the `tiny` target's initialisation and pretraining; None: the run's seed. Fix it to compare seeds
     of the generator and the rollouts on one target, as a pretrained target would be (RESULTS-reproduce.md §5)."""
+    eval_fresh: int = 0
+    """Also evaluate on this many fresh completions of the generator (prompts and draws of their own, not the run's):
+    the eval then measures what the generator's distribution is worth, not the order of one batch (0: off;
+    RESULTS-reproduce.md §7b). The metrics are `eval_fresh_*` and `text_fresh_*`; the texts are the eval stage's
+    fresh.parquet."""
+    eval_fresh_every: int = 1
+    """The fresh eval runs at iteration 0 and at every iteration it with it + 1 a multiple of this, so a run of a
+    multiple of it iterations ends with one."""
     text_metrics: list[str] = field(default_factory=lambda: ["length"])
     """Human metrics of the generated texts, logged with the evaluation (dpg.textmetrics): `length`,
     `langid:<code>` (share in that language), `contains:<string>` (share containing it, edit distance)."""
@@ -56,6 +64,10 @@ class TargetConfig:
                      "use an integer >= 1", prefix="target")
         _require(_int(self.tiny_pretrain_steps) and self.tiny_pretrain_steps >= 0, "tiny_pretrain_steps",
                  self.tiny_pretrain_steps, "use an integer >= 0", prefix="target")
+        _require(_int(self.eval_fresh) and self.eval_fresh >= 0, "eval_fresh", self.eval_fresh,
+                 "use an integer >= 0 (0: no fresh eval)", prefix="target")
+        _require(_int(self.eval_fresh_every) and self.eval_fresh_every >= 1, "eval_fresh_every",
+                 self.eval_fresh_every, "use an integer >= 1", prefix="target")
         _require(self.tiny_seed is None or (_int(self.tiny_seed) and self.tiny_seed >= 0), "tiny_seed",
                  self.tiny_seed, "use an integer >= 0, or leave it out for the run's seed", prefix="target")
         _require(_text(self.model), "model", self.model, "use 'tiny', 'smollm2' or a local model folder",
@@ -336,8 +348,9 @@ class DPGConfig:
         identity["rollouts"] = {**identity["rollouts"], "seed": self.seed}
         identity["policy"] = {**identity["policy"], "seed": self.seed}
         identity["sft"] = {**identity["sft"], "seed": 0}
-        if identity["target"]["tiny_seed"] is None:  # added after dpg 0.1: its default is absent from old hashes
-            identity["target"] = {k: v for k, v in identity["target"].items() if k != "tiny_seed"}
+        defaults = {"tiny_seed": None, "eval_fresh": 0, "eval_fresh_every": 1}  # added after dpg 0.1: absent from
+        identity["target"] = {k: v for k, v in identity["target"].items()  # old hashes at their defaults
+                              if not (k in defaults and v == defaults[k])}
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     @property

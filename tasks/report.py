@@ -36,9 +36,9 @@ def curves(summaries: list[dict]) -> str:
     plt = _pyplot()
     keys = [k for k in summaries[0] if k.startswith("eval_") or k == "tau_std"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-    its = [s["iteration"] for s in summaries]
     for ax, key in zip(axes[0], keys):
-        ax.plot(its, [s.get(key, math.nan) for s in summaries], marker="o", markersize=3)
+        shown = [s for s in summaries if key in s]  # the fresh eval's keys are only where it ran
+        ax.plot([s["iteration"] for s in shown], [s[key] for s in shown], marker="o", markersize=3)
         ax.set_xlabel("outer iteration")
         ax.set_title(key)
     fig.tight_layout()

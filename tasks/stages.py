@@ -69,8 +69,10 @@ def upstream(cfg: DPGConfig, it: int, name: str) -> list[tuple[int, str]]:
     before = [(it - 1, "generator")] if it > 0 else []
     if name == "rollouts":
         return before
-    if name.startswith("sft-g") or name == "eval":
+    if name.startswith("sft-g"):
         return [(it, "rollouts")]
+    if name == "eval":  # the fresh eval samples from the generator of the iteration's rollouts
+        return [(it, "rollouts"), *(before if loop.fresh_due(cfg, it) else [])]
     if name == "rewards":  # the previous rewards: flat batches in a row
         return [(it, "rollouts"), *((it, f"sft-g{g}") for g in loop.group_ids(cfg)),
                 *([(it - 1, "rewards")] if it > 0 else [])]
@@ -439,14 +441,25 @@ def compute_advantages(cfg: DPGConfig, it: int, rollouts_url: str, group_urls: l
 
 @task(cache_policy=NO_CACHE)
 def evaluate_target(cfg: DPGConfig, it: int, rollouts_url: str) -> str:
-    """Phi and its human metric after SFT on all of the iteration's data, plus pictures (e.g. the patch)."""
+    """Phi and its human metric after SFT on all of the iteration's data, plus pictures (e.g. the patch); where the
+    fresh eval is due (target.eval_fresh), the same after SFT on new completions of the generator (fresh.parquet)."""
     url = stage_url(cfg, it, "eval")
     if done(cfg, url):
         return url
     rollouts = read_records(cfg, rollouts_url, "rollouts.parquet", Rollout)
     model, tokenizer, target = target_for(cfg)
     metrics, pictures = loop.evaluate(cfg, rollouts, model, tokenizer, target)
-    files = {"metrics.json": json.dumps(metrics).encode()}
+    files = {}
+    if loop.fresh_due(cfg, it):
+        start = time.perf_counter()
+        generator, generator_tokenizer, _, version = generator_at(cfg, it)
+        fresh = loop.sample_fresh(cfg, it, generator, generator_tokenizer, version)
+        metrics |= loop.evaluate_fresh(cfg, fresh, model, tokenizer, target)
+        files["fresh.parquet"] = pd.DataFrame(as_rows(fresh))
+        get_run_logger().info("iteration %d: fresh eval on %d new completions in %.1f s: %s", it, len(fresh),
+                              time.perf_counter() - start,
+                              {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval_fresh_")})
+    files["metrics.json"] = json.dumps(metrics).encode()
     for name, array in pictures.items():
         buffer = stdio.BytesIO()
         np.save(buffer, array)

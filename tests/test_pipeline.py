@@ -306,3 +306,36 @@ def test_flat_batches_skip_the_update_until_max_flat_batches_in_a_row_stop_the_r
     with pytest.raises(DPGError, match="outer iteration 2: 3 flat batches in a row"):
         optimize(cfg)
     assert metrics_of(cfg, 2)["metrics"]["flat_batches_in_a_row"] == 3.0
+
+
+def test_the_fresh_eval_fine_tunes_on_new_completions_of_the_iterations_generator(prefect_harness, tiny_generator_dir,
+                                                                                 texts_file, tmp_path):
+    from dpg.records import Rollout
+    from flows.optimize import optimize
+    from tasks.stages import generator_at, read_records, stage_inputs, target_for
+
+    cfg = tiny_config(tiny_generator_dir, texts_file, str(tmp_path), f"sqlite:///{tmp_path}/m.db",
+                      **{"outer_iterations": 3, "target.eval_fresh": 5, "target.eval_fresh_every": 2})
+    optimize(cfg)
+    model, tokenizer, target = target_for(cfg)
+    for it in range(3):
+        url = stage_url(cfg, it, "eval")
+        manifest = io.read_manifest(url)
+        metrics = manifest["meta"]["metrics"]
+        assert ("fresh.parquet" in manifest["files"]) == (it in (0, 1)) == dpg.loop.fresh_due(cfg, it)
+        assert ("iter-0000/generator" in stage_inputs(cfg, it, "eval")) == (it == 1)
+        if it == 2:
+            assert not any(k.startswith("eval_fresh") for k in metrics)
+            continue
+        fresh = read_records(cfg, url, "fresh.parquet", Rollout)
+        run = io.read_table(stage_url(cfg, it, "rollouts"), "rollouts.parquet")
+        assert len(fresh) == 5 and all(r.example_id.startswith(f"fresh-{it}-") for r in fresh)
+        assert {r.generator_version for r in fresh} == set(run["generator_version"])  # the iteration's generator
+        assert [r.text for r in fresh] != run["text"].tolist()[:5]  # draws of their own, not the run's
+        generator, generator_tokenizer, _, version = generator_at(cfg, it)
+        again = dpg.loop.sample_fresh(cfg, it, generator, generator_tokenizer, version)
+        assert [r.token_ids for r in again] == [r.token_ids for r in fresh]
+        report = target.report(dpg.loop.fine_tune(cfg, [r.text for r in fresh], model, tokenizer, it))
+        assert metrics["eval_fresh_pixel_accuracy"] == report["pixel_accuracy"]
+        assert metrics["eval_fresh_phi"] == report["phi"] != metrics["eval_phi"]
+        assert metrics["eval_fresh_examples"] == 5.0 and "text_fresh_mean_words" in metrics

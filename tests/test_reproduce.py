@@ -47,7 +47,7 @@ def test_registry_has_the_controls_in_every_demo_and_a_direction_for_every_metri
         assert set(entry["chance"]) <= set(entry["metrics"]), demo
     assert reproduce.DEMOS["uuid"]["methods"]["levenshtein"]["rewards.goal"] == reproduce.UUID_GOAL
     assert reproduce.DEMOS["language"]["methods"]["langid"]["rewards.goal"] == "fr"
-    assert reproduce.DEMOS["l2"]["metrics"] == {"eval_l2_norm": False}
+    assert reproduce.DEMOS["l2"]["metrics"] == {"eval_l2_norm": False, "eval_fresh_l2_norm": False}
 
 
 def test_every_cell_of_the_grid_is_a_valid_config(tmp_path):
