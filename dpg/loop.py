@@ -35,7 +35,7 @@ from dpg.records import Reward, Rollout, SFTRun
 from dpg.rewards import get_reward, needs_ids, needs_sft
 from dpg.runconfig import DPGConfig
 from dpg.sft import Progress, train
-from dpg.targets import get_target
+from dpg.targets import get_target, report_of
 from dpg.textmetrics import text_metrics
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ def evaluate(cfg: DPGConfig, rollouts: list[Rollout], target_model: nn.Module, t
     """
     with seeded(stage_seed(cfg.seed, rollouts[0].outer_iteration, "eval")):
         trained = fine_tune(cfg, rollouts, target_model, target_tokenizer, rollouts[0].outer_iteration)
-        report = target.report(trained) if hasattr(target, "report") else {"phi": float(target(trained))}
+        report = report_of(target, trained)
         pictures = target.image(trained) if getattr(target, "image", None) else {}
     texts = text_metrics([r.text for r in rollouts], list(cfg.target.text_metrics))
     if getattr(target, "token_ids", ()):

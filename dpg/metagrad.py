@@ -52,6 +52,7 @@ from dpg.sft import (
     token_losses,
     working_copy,
 )
+from dpg.targets import report_of
 
 Target = Callable[[nn.Module], Tensor]
 
@@ -290,7 +291,7 @@ def metagradients(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, t
     opt = make_optimizer(config)
     total = config.inner_steps(batch.input_ids.shape[0])
     with torch.no_grad():
-        report_before = _report(target, work)
+        report_before = report_of(target, work)
     store = DiskStore(config.checkpoint_dir) if config.checkpoint == "disk" else \
         HostStore() if config.checkpoint == "host" else None
     k = config.recompute_every(total)
@@ -305,7 +306,7 @@ def metagradients(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, t
     try:
         theta_T = unrolled_sft(work, theta0, batch, config, opt, save, progress, group)
         value_after, a = metric_grad(work, theta_T, target)
-        report_after = _report(target, work)
+        report_after = report_of(target, work)
         release_weights(work)  # the reverse pass calls the model functionally; drop theta_T now
         adj = Adjoint(a, tuple({key: torch.zeros_like(v) for key, v in m.items()}
                                for m in state_tensors(opt.init(theta_T))))
@@ -340,8 +341,3 @@ def metagradients(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, t
     return MetagradResult(scores.cpu(), report_before["phi"], value_after, report_before, report_after, total)
 
 
-def _report(target: Target, work: nn.Module) -> dict[str, float]:
-    with torch.no_grad():
-        if hasattr(target, "report"):
-            return dict(target.report(work))
-        return {"phi": float(target(work))}

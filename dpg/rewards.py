@@ -36,6 +36,7 @@ from dpg.metagrad import metagradients
 from dpg.models import stage_seed
 from dpg.records import SFTRun
 from dpg.sft import Progress, train, working_copy
+from dpg.targets import report_of
 
 Examples = dict[int, tuple[Tensor, Tensor]]  # group_id -> (input_ids (n_k, L), attention_mask (n_k, L))
 PLUGIN_FORM = "package.module:function (see dpg.rewards for the two signatures)"
@@ -87,8 +88,7 @@ def _check_groups(examples_by_group: Examples, config: SFTConfig) -> None:
 
 
 def _report(target: Callable[[nn.Module], Tensor], model: nn.Module, what: str) -> dict[str, float]:
-    with torch.no_grad():
-        report = dict(target.report(model)) if hasattr(target, "report") else {"phi": float(target(model))}
+    report = report_of(target, model)
     if not torch.isfinite(torch.tensor(report["phi"])):
         raise DPGError(f"target metric {what} is {report['phi']}; it must be finite (lower sft.lr or check the target)")
     return report

@@ -76,6 +76,12 @@ class Target:
         return self.phi(model)
 
 
+def report_of(target: Callable[[nn.Module], Tensor], model: nn.Module) -> dict[str, float]:
+    """The target's report of `model` (no grad); a plain callable target (a plugin's function) reports only phi."""
+    with torch.no_grad():
+        return dict(target.report(model)) if hasattr(target, "report") else {"phi": float(target(model))}
+
+
 def output_matrix(model: nn.Module) -> Tensor:
     """W_out = `model.get_output_embeddings().weight`, shape (vocab, hidden); the embeddings too if tied."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
