@@ -19,6 +19,17 @@ to OUT: the human metric of the start and after each pass (search orders), held 
 generator's own batches (mean and max).
 
     .venv/bin/python benchmarks/data_ceiling.py experiments/pattern-67.yaml --seeds 0 1 2 --out /tmp/c.jsonl
+
+`--linear N` asks the same question of a large eval (`--batch 512`), where a search by SFTs is too slow, to first
+order: a pattern's patch moves only by its own gradient, so after a plain SFT from theta_0 the change is about
+-c * sum_x dL_x/dP at theta_0 (c > 0: the sign, which pixel accuracy reads, needs no scale). The bench takes N
+completions of the initial generator, each one's patch gradient, and: (a) an LP, the largest margin t with which
+some distribution w over the pool moves every pixel its goal's way, S * (-sum_x w_x dL_x/dP) >= t (t > 0: every
+pixel is reachable at first order; scipy's HiGHS, which mlflow installs), and the share of pixels that at least one
+text moves its goal's way (`reachable_first_order`, a first-order bound on any data of the pool); (b) a greedy
+choice of `--batch` texts of the pool for the most pixels, to first order; (c) the eval's real SFT of that choice,
+of the `--batch` texts with the largest first-order alignment sum S * (-dL_x/dP) (what a reward that is linear in
+the text would pick), and of random ones, each in 4 orders.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -90,6 +102,91 @@ def search(cfg, pool_batches: int, pool_kind: str, batch: int, passes: int, cand
             "texts": [pool[i] for i in current]}
 
 
+def patch_gradients(cfg, texts: list[str], target_model, target_tokenizer, target):
+    """(n, rows, cols): dL_x/dP of each text's SFT loss (its token NLL sum over sft.max_len, as dpg.sft's default
+    normalisation) at the target's initial weights, through the tied head and embedding alike."""
+    import torch
+    import torch.nn.functional as F
+
+    from dpg.generator import to_target_examples
+    from dpg.targets import output_matrix
+
+    ids, mask, _, _ = to_target_examples(texts, target_tokenizer, cfg.sft.max_len)
+    W = output_matrix(target_model)
+    cols = torch.tensor(target.token_ids)
+    rows = len(target.image(target_model)["goal"])
+    offset = (cfg.target.options or {}).get("hidden_offset", 0)
+    out = []
+    for i in range(len(texts)):
+        x, m = ids[i:i + 1], mask[i:i + 1]
+        logits = target_model(input_ids=x, attention_mask=m).logits
+        keep = (m[:, 1:] * m[:, :-1]).float()
+        loss = (F.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none") * keep).sum()
+        (g,) = torch.autograd.grad(loss / cfg.sft.max_len, W)
+        out.append(g[cols, offset:offset + rows].T.clone())
+    return torch.stack(out)  # (n, rows, cols)
+
+
+def linear_reach(cfg, pool_size: int, batch: int) -> dict:
+    import numpy as np
+    import torch
+    from scipy.optimize import linprog
+
+    from dpg import loop
+
+    generator, tokenizer, target_model, target_tokenizer, target = setup(cfg)
+    if target.image is None or "goal" not in target.image(target_model):
+        raise SystemExit("--linear needs a pattern target")
+    wide = replace(cfg, prompts=replace(cfg.prompts, per_iteration=-(-pool_size // cfg.rollouts.n_rollouts)))
+    pool = [r.text for r in loop.sample(wide, 10**6, generator, tokenizer, "initial")][:pool_size]
+    goal = torch.as_tensor(target.image(target_model)["goal"]).double().flatten()  # (pixels,)
+    A = -patch_gradients(cfg, pool, target_model, target_tokenizer, target).double().flatten(1)  # (n, pixels)
+    aligned = A * goal  # > 0 where a text moves a pixel its goal's way
+    # (a) max t s.t. aligned^T w >= t, w >= 0, sum w = 1; variables (w, t), minimise -t
+    n, pixels = aligned.shape
+    scale = float(aligned.abs().mean())
+    lp = linprog(np.r_[np.zeros(n), -1.0], A_ub=np.c_[-aligned.T.numpy() / scale, np.ones(pixels)],
+                 b_ub=np.zeros(pixels), A_eq=np.r_[np.ones(n), 0.0][None], b_eq=[1.0],
+                 bounds=[(0, None)] * n + [(None, None)], method="highs")
+    support = int((lp.x[:n] > 1e-9).sum()) if lp.success else -1
+    reachable = float((aligned.max(0).values > 0).double().mean())  # pixels some text moves the goal's way
+
+    def first_order(chosen) -> float:
+        return float((aligned[chosen].sum(0) > 0).double().mean())
+
+    # (b) greedy: each step adds the unused text that most raises sum_p tanh(margin_p / tau)
+    tau = float(aligned.std()) * batch ** 0.5
+    margin, used, chosen = torch.zeros(pixels, dtype=torch.float64), torch.zeros(n, dtype=torch.bool), []
+    for _ in range(batch):
+        gain = torch.tanh((margin + aligned) / tau).sum(1)
+        gain[used] = -float("inf")
+        k = int(gain.argmax())
+        chosen.append(k)
+        used[k] = True
+        margin += aligned[k]
+    top = aligned.sum(1).argsort(descending=True)[:batch].tolist()
+    rng = random.Random(cfg.seed)
+    randoms = [rng.sample(range(n), batch) for _ in range(4)]
+
+    def real(picks: list[int], orders: int = 4) -> float:
+        got = []
+        for j in range(orders):
+            perm = random.Random(cfg.seed + 10 + j).sample(picks, len(picks))
+            tuned = loop.fine_tune(cfg, [pool[k] for k in perm], target_model, target_tokenizer, 0)
+            got.append(target.report(tuned)["pixel_accuracy"])
+        return statistics.mean(got)
+
+    return {"metric": "pixel_accuracy", "pool": n, "batch": batch,
+            "lp_margin": float(-lp.fun) if lp.success else None, "lp_support": support,
+            "reachable_first_order": reachable,
+            "greedy_first_order": first_order(chosen), "greedy_real": real(chosen),
+            "aligned_first_order": first_order(top), "aligned_real": real(top),
+            "random_first_order": statistics.mean(first_order(r) for r in randoms),
+            "random_real": statistics.mean(real(r, 1) for r in randoms),
+            "greedy_distinct_texts": len({pool[k] for k in chosen}),
+            "texts": [pool[k] for k in chosen[:64]]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
@@ -103,6 +200,8 @@ def main() -> int:
     parser.add_argument("--objective", choices=["human", "phi"], default="human")
     parser.add_argument("--orders", type=int, default=4,
                         help="score a batch by its mean over this many shuffled orders (1: the order as searched)")
+    parser.add_argument("--linear", type=int, default=0, metavar="N",
+                        help="first-order reach of a pool of N texts instead of the search (pattern targets)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     from dpg.runconfig import load_config
@@ -111,8 +210,9 @@ def main() -> int:
         for seed in args.seeds:
             cfg = load_config(args.config, [*args.set, f"seed={seed}"])
             start = time.perf_counter()
-            got = search(cfg, args.pool, args.pool_kind, args.batch, args.passes, args.candidates,
-                         args.objective, args.orders)
+            got = (linear_reach(cfg, args.linear, args.batch) if args.linear else
+                   search(cfg, args.pool, args.pool_kind, args.batch, args.passes, args.candidates,
+                          args.objective, args.orders))
             got |= {"seed": seed, "pool_kind": args.pool_kind, "objective": args.objective, "orders": args.orders,
                     "set": args.set,
                     "seconds": round(time.perf_counter() - start, 1)}
