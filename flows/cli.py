@@ -171,8 +171,8 @@ def print_plots(cfg) -> None:
     from tasks.report import write_report
     from tasks.tracking import client, find_run, plot_artifacts
 
-    print(report_line(write_report(cfg)))
     mlflow_run_id = find_run(cfg)
+    print(report_line(write_report(cfg, mlflow_run_id=mlflow_run_id)))
     if mlflow_run_id:
         where = client(cfg).get_run(mlflow_run_id).info.artifact_uri
         print(f"MLflow run {mlflow_run_id}, artifacts in {where}: "

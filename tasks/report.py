@@ -143,8 +143,9 @@ def build_report(cfg: DPGConfig, top: int = 5) -> str:
             f"</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
 
 
-def write_report(cfg: DPGConfig, track: bool = True) -> str:
-    """The report, written to `<run>/report.html`; logged to the run's MLflow run where there is one."""
+def write_report(cfg: DPGConfig, track: bool = True, mlflow_run_id: str | None = None) -> str:
+    """The report, written to `<run>/report.html`; logged to the run's MLflow run where there is one (`mlflow_run_id`
+    when the caller has looked it up)."""
     import os
     import tempfile
 
@@ -154,7 +155,7 @@ def write_report(cfg: DPGConfig, track: bool = True) -> str:
     if track:
         from tasks.tracking import client, find_run
 
-        mlflow_run_id = find_run(cfg)
+        mlflow_run_id = mlflow_run_id or find_run(cfg)
         if mlflow_run_id:
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "report.html")

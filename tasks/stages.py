@@ -192,11 +192,15 @@ _targets: dict[tuple[str, str, str], tuple] = {}  # this process's targets, the 
 
 
 def _load_target(cfg: DPGConfig, device: str):
-    state, manifest = None, stored_target_manifest(cfg)
-    if manifest is not None:
+    state, url, options = None, stored_target(cfg), cfg.storage.storage_options
+    manifest = io.read_manifest(url, options) if url else None
+    if manifest is not None and manifest["meta"].get("inputs") == target_inputs(cfg):
         from safetensors.torch import load
 
-        state = load(io.read_file(stored_target(cfg), TARGET_FILE, cfg.storage.storage_options, manifest))
+        try:  # read once; read_file checks the digest (stored_target_manifest would read the weights twice)
+            state = load(io.read_file(url, TARGET_FILE, options, manifest))
+        except (DPGError, FileNotFoundError):
+            state = None  # missing or corrupted: pretrain again, as for no stored target
     return loop.load_target(cfg, base_generator(cfg, device)[1], device, state)
 
 

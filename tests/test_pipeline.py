@@ -144,7 +144,10 @@ def test_a_pretrained_target_is_stored_with_the_run_and_a_resume_loads_it_instea
 
     tasks.stages._targets.clear()  # as a new process (a resume, a worker, `dpg audit`) would start
     monkeypatch.setattr(dpg.loop, "pretrain", lambda *a, **k: pytest.fail("the stored target was pretrained again"))
+    reads, read_bytes = [], io.read_bytes
+    monkeypatch.setattr(io, "read_bytes", lambda url, *a, **k: reads.append(url) or read_bytes(url, *a, **k))
     loaded = target_for(cfg)[0].state_dict()
+    assert len([u for u in reads if u.startswith(stored_target(cfg)) and not u.endswith("manifest.json")]) == 1
     assert weights.keys() == loaded.keys() and all(torch.equal(weights[k], loaded[k]) for k in weights)
     optimize(dataclasses.replace(cfg, outer_iterations=2))  # resumed to a second iteration
     for name in ("rollouts", "sft-g0", "sft-g1", "rewards", "generator", "eval"):
