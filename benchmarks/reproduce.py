@@ -328,11 +328,16 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows)])
 
 
+def commands_of(ledger: dict) -> list[str]:
+    """The invocations that built a grid (several when its cells ran side by side), oldest first."""
+    return ledger.get("commands") or ([ledger["command"]] if "command" in ledger else [])
+
+
 def write_report(frame, cells: list[tuple], out: Path, ledger: dict) -> None:
     lines = ["# DPG reproduction grid", "",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
              f"{platform.system()} {platform.release()}, Python {platform.python_version()}.",
-             f"Command: `{ledger.get('command', '(not recorded)')}`", ""]
+             *(f"Command: `{c}`" for c in commands_of(ledger) or ["(not recorded)"]), ""]
     for demo, config_file in dict.fromkeys((c[0], c[3]) for c in cells):
         part = frame[frame["demo"] == demo] if len(frame) else frame
         shown = os.path.relpath(config_file, ROOT) if config_file.startswith(f"{ROOT}/") else config_file
@@ -485,11 +490,14 @@ def main() -> int:
     ledger = json.loads(ledger_file.read_text()) if ledger_file.is_file() else {}
     failed = 0
     if not args.report_only:
-        ledger["command"] = shlex.join([os.path.relpath(sys.executable, ROOT) if Path(sys.executable).is_relative_to(
+        command = shlex.join([os.path.relpath(sys.executable, ROOT) if Path(sys.executable).is_relative_to(
             ROOT) else sys.executable, "benchmarks/reproduce.py", *sys.argv[1:]])
+        ledger["commands"] = list(dict.fromkeys([*commands_of(ledger), command]))
         def save() -> None:  # merge with what other grid processes wrote meanwhile, then replace atomically
             on_disk = json.loads(ledger_file.read_text()) if ledger_file.is_file() else {}
-            merged = on_disk | ledger | {"cells": on_disk.get("cells", {}) | ledger.get("cells", {})}
+            merged = on_disk | ledger | {"cells": on_disk.get("cells", {}) | ledger.get("cells", {}),
+                                         "commands": list(dict.fromkeys(commands_of(on_disk) + commands_of(ledger)))}
+            merged.pop("command", None)
             tmp = ledger_file.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))
             os.replace(tmp, ledger_file)

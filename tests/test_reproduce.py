@@ -99,3 +99,9 @@ def test_script_help_runs():
     result = subprocess.run([sys.executable, str(PATH), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--report-only" in result.stdout
     assert "uuid: dpg, dpg-sequence, dpg-token, naive, random, levenshtein" in result.stdout
+
+
+def test_commands_of_reads_old_and_new_ledgers():
+    assert reproduce.commands_of({}) == []
+    assert reproduce.commands_of({"command": "a"}) == ["a"]
+    assert reproduce.commands_of({"commands": ["a", "b"], "command": "c"}) == ["a", "b"]
