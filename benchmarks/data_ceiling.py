@@ -30,6 +30,18 @@ text moves its goal's way (`reachable_first_order`, a first-order bound on any d
 choice of `--batch` texts of the pool for the most pixels, to first order; (c) the eval's real SFT of that choice,
 of the `--batch` texts with the largest first-order alignment sum S * (-dL_x/dP) (what a reward that is linear in
 the text would pick), and of random ones, each in 4 orders.
+
+`--cone N` asks which placements of a pattern's patch a policy can reach when it only changes *how often* it
+writes each patch token. For a tied head, descent of the summed token NLL moves the head row of token c by
+
+    -dL/dW[c] = sum over occurrences of c of (h_t - dL/de_{t+1})  -  sum over all positions of p_t(c) h_t
+              = n_c v_c - N u_c
+
+(h_t the final hidden state before the label c, e_{t+1} the embedding c feeds as the next input, p_t(c) the
+model's probability of c), so at first order the column's change lies in the cone {a v_c - b u_c : a, b >= 0}.
+The bench takes N completions of the initial generator and reports, for every hidden offset of the patch's rows,
+the `ceiling`: the mean over columns of the best sign agreement with the goal anywhere in that cone; the
+configured offset's (`ceiling`), the best offset, and how many offsets reach 0.8.
 """
 
 from __future__ import annotations
@@ -187,6 +199,76 @@ def linear_reach(cfg, pool_size: int, batch: int) -> dict:
             "texts": [pool[k] for k in chosen[:64]]}
 
 
+def frequency_directions(model, ids, mask, cols: list[int], chunk: int = 64):
+    """(V, U, counts, positions) with V[j] = sum over occurrences of cols[j] as a label of (h_t - dL/de_{t+1})
+    (input parts only where the head is tied to the embedding, also that of a row's first token, which is no
+    label) and U[j] = sum over all label positions of p_t(cols[j]) h_t, all hidden dims, float64:
+    -dL/dW[cols[j]] = V[j] - U[j] exactly, for L the summed token NLL of the rows."""
+    import torch
+    import torch.nn.functional as F
+
+    embed = model.get_input_embeddings()
+    tied = embed.weight is model.get_output_embeddings().weight
+    hidden = embed.weight.shape[1]
+    V, U = (torch.zeros(len(cols), hidden, dtype=torch.float64) for _ in range(2))
+    counts, positions = torch.zeros(len(cols), dtype=torch.long), 0
+    for b in range(0, len(ids), chunk):
+        x, m = ids[b:b + chunk], mask[b:b + chunk]
+        emb = embed(x).detach().requires_grad_()
+        out = model(inputs_embeds=emb, attention_mask=m, output_hidden_states=True)
+        keep = (m[:, 1:] * m[:, :-1]).bool()  # label x[:, t + 1] predicted from position t
+        loss = (F.cross_entropy(out.logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none") * keep).sum()
+        (g_in,) = torch.autograd.grad(loss, emb)
+        h = out.hidden_states[-1][:, :-1].detach().double()  # the head's input (after the final norm)
+        p = torch.softmax(out.logits[:, :-1].detach().double(), -1)
+        positions += int(keep.sum())
+        for j, c in enumerate(cols):
+            occ = keep & (x[:, 1:] == c)
+            V[j] += h[occ].sum(0)
+            if tied:
+                first = m[:, 0].bool() & (x[:, 0] == c)
+                V[j] -= g_in[:, 1:].double()[occ].sum(0) + g_in[:, 0].double()[first].sum(0)
+            U[j] += (p[..., c, None] * h)[keep].sum(0)
+            counts[j] += int(occ.sum())
+    return V, U, counts, positions
+
+
+def cone_ceiling(v, u, goal) -> float:
+    """The best share of sign agreement with `goal` of a v - b u over a, b >= 0 (a grid of 361 angles)."""
+    import numpy as np
+
+    return max(float((np.sign(np.cos(a) * v - np.sin(a) * u) == goal).mean())
+               for a in np.linspace(0, np.pi / 2, 361))
+
+
+def frequency_cone(cfg, pool_size: int) -> dict:
+    import numpy as np
+
+    from dpg import loop
+    from dpg.generator import to_target_examples
+
+    generator, tokenizer, target_model, target_tokenizer, target = setup(cfg)
+    if target.image is None or "goal" not in target.image(target_model):
+        raise SystemExit("--cone needs a pattern target")
+    goal = np.asarray(target.image(target_model)["goal"])  # (rows, cols) of +-1
+    rows = goal.shape[0]
+    wide = replace(cfg, prompts=replace(cfg.prompts, per_iteration=-(-pool_size // cfg.rollouts.n_rollouts)))
+    texts = [r.text for r in loop.sample(wide, 10**6, generator, tokenizer, "initial")][:pool_size]
+    ids, mask, _, _ = to_target_examples(texts, target_tokenizer, cfg.sft.max_len)
+    cols = list(target.token_ids)
+    V, U, counts, positions = frequency_directions(target_model, ids, mask, cols)
+    v, u = (V / counts.clamp(min=1)[:, None]).numpy(), (U / positions).numpy()
+    per_offset = [float(np.mean([cone_ceiling(v[j, o:o + rows], u[j, o:o + rows], goal[:, j])
+                                 for j in range(len(cols))])) for o in range(v.shape[1] - rows + 1)]
+    offset = (cfg.target.options or {}).get("hidden_offset", 0)
+    best = int(np.argmax(per_offset))
+    return {"metric": "pixel_accuracy", "pool": len(texts), "hidden_offset": offset,
+            "ceiling": per_offset[offset], "best_offset": best, "best_ceiling": per_offset[best],
+            "offsets_reaching_0.8": sum(x >= 0.8 for x in per_offset),
+            "median_ceiling": float(np.median(per_offset)), "per_offset": per_offset,
+            "occurrences": counts.tolist()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
@@ -202,6 +284,8 @@ def main() -> int:
                         help="score a batch by its mean over this many shuffled orders (1: the order as searched)")
     parser.add_argument("--linear", type=int, default=0, metavar="N",
                         help="first-order reach of a pool of N texts instead of the search (pattern targets)")
+    parser.add_argument("--cone", type=int, default=0, metavar="N",
+                        help="the frequency cone's ceiling per hidden offset, from N texts (pattern targets)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     from dpg.runconfig import load_config
@@ -210,7 +294,8 @@ def main() -> int:
         for seed in args.seeds:
             cfg = load_config(args.config, [*args.set, f"seed={seed}"])
             start = time.perf_counter()
-            got = (linear_reach(cfg, args.linear, args.batch) if args.linear else
+            got = (frequency_cone(cfg, args.cone) if args.cone else
+                   linear_reach(cfg, args.linear, args.batch) if args.linear else
                    search(cfg, args.pool, args.pool_kind, args.batch, args.passes, args.candidates,
                           args.objective, args.orders))
             got |= {"seed": seed, "pool_kind": args.pool_kind, "objective": args.objective, "orders": args.orders,

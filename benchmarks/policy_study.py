@@ -63,7 +63,8 @@ def oracle_rewards(rollouts, value: dict[int, float]) -> list:
 
 def wide_eval(cfg, it: int, generator, tokenizer, sizes: list[int], target_model, target_tokenizer, target) -> dict:
     """The human metric after the eval's SFT on the first n of max(sizes) fresh completions of the current
-    generator, for each n in sizes (prompts and samples of outer iteration 10**7 + it, not the run's)."""
+    generator, for each n in sizes (prompts and samples of outer iteration 10**7 + it, not the run's); for a
+    pattern target also the patch's change Δ (`wide<n>_delta`, rows × cols)."""
     from dataclasses import replace
 
     from dpg import loop
@@ -74,8 +75,10 @@ def wide_eval(cfg, it: int, generator, tokenizer, sizes: list[int], target_model
     texts = [r.text for r in loop.sample(wide, fresh, generator, tokenizer, "wide")]
     got = {}
     for n in sizes:
-        report = target.report(loop.fine_tune(cfg, texts[:n], target_model, target_tokenizer, fresh))
-        got |= {f"wide{n}_{k}": v for k, v in report.items()}
+        tuned = loop.fine_tune(cfg, texts[:n], target_model, target_tokenizer, fresh)
+        got |= {f"wide{n}_{k}": v for k, v in target.report(tuned).items()}
+        if target.image is not None:  # the patch's change, for a per-pixel look at what a run reaches
+            got[f"wide{n}_delta"] = target.image(tuned)["delta"].tolist()
     return got
 
 

@@ -46,3 +46,34 @@ def test_the_data_ceiling_search_only_keeps_improvements_and_is_seeded():
     assert all(x <= y for x, y in zip(trace, trace[1:]))
     assert 0 <= a["start_held_out"] <= 1 and 0 <= a["final_held_out"] <= 1
     assert got[0] == got[1]
+
+
+def test_the_frequency_cone_directions_sum_to_the_head_rows_gradient():
+    """benchmarks/data_ceiling.py --cone: the occurrence part V and the generic part U of a tied head's rows give
+    exactly -dL/dW[c] = V - U (float64, padded rows), and the cone's ceiling reads signs."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from data_ceiling import cone_ceiling, frequency_directions
+
+    from dpg.loop import small_llama
+
+    model = small_llama(12, 32, 2, seed=0).double()
+    ids = torch.randint(0, 12, (5, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[3, 4:] = 0
+    cols = [2, 5, 7]
+    V, U, counts, positions = frequency_directions(model, ids, mask, cols, chunk=2)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    keep = (mask[:, 1:] * mask[:, :-1]).double()
+    loss = (F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none") * keep).sum()
+    (g,) = torch.autograd.grad(loss, model.get_output_embeddings().weight)  # head and embedding: tied
+    assert torch.allclose(V - U, -g[cols], rtol=1e-10, atol=1e-12), (V - U + g[cols]).abs().max()
+    assert counts.tolist() == [int(((ids[:, 1:] == c) & keep.bool()).sum()) for c in cols]
+    assert positions == int(keep.sum())
+    goal = np.array([1.0, -1.0, 1.0, 1.0])
+    assert cone_ceiling(goal, -goal, goal) == 1.0 and cone_ceiling(-goal, goal, goal) == 0.0
+    assert cone_ceiling(np.array([1.0, 1, 1, 1]), np.array([1.0, 1, -1, -1]), goal) == 0.75
