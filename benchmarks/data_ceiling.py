@@ -40,8 +40,10 @@ writes each patch token. For a tied head, descent of the summed token NLL moves 
 (h_t the final hidden state before the label c, e_{t+1} the embedding c feeds as the next input, p_t(c) the
 model's probability of c), so at first order the column's change lies in the cone {a v_c - b u_c : a, b >= 0}.
 The bench takes N completions of the initial generator and reports, for every hidden offset of the patch's rows,
-the `ceiling`: the mean over columns of the best sign agreement with the goal anywhere in that cone; the
-configured offset's (`ceiling`), the best offset, and how many offsets reach 0.8.
+a ceiling: the mean over columns of the best sign agreement with the goal anywhere in that cone (`per_offset`); the
+configured offset's (`ceiling`), the best offset, and how many offsets reach 0.8. Measured on "67", the ceiling
+does not predict which targets DPG lifts, and moving the patch to its best offset does not help
+(RESULTS-reproduce.md §7e).
 """
 
 from __future__ import annotations
