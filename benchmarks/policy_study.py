@@ -82,6 +82,19 @@ def wide_eval(cfg, it: int, generator, tokenizer, sizes: list[int], target_model
     return got
 
 
+def patch_token_advantage(rollouts, rewards, patch: set[int]) -> dict:
+    """Mean per-token advantage of the generator tokens that are patch tokens, and of the others (token credit;
+    the toy generator and the tiny target share their vocabulary): which way the update pushes the patch tokens."""
+    by_id = {r.example_id: r for r in rewards}
+    on, off = [], []
+    for r in rollouts:
+        adv = by_id[r.example_id].token_advantages if r.example_id in by_id else None
+        for token, a in zip(r.token_ids, adv or []):
+            (on if token in patch else off).append(a)
+    return {"patch_token_advantage": statistics.mean(on) if on else 0.0,
+            "other_token_advantage": statistics.mean(off) if off else 0.0} if patch else {}
+
+
 def run(cfg, iterations: int, label: str, out, oracle: int = 0, eval_sizes: list[int] | None = None,
         eval_every: int = 5) -> None:
     from dpg import loop
@@ -103,6 +116,7 @@ def run(cfg, iterations: int, label: str, out, oracle: int = 0, eval_sizes: list
             rewards = oracle_rewards(rollouts, value)
             tokens = [t for r in rollouts for t in r.token_ids]
             metrics["token_value"] = sum(value.get(t, 0.0) for t in tokens) / max(len(tokens), 1)
+        metrics |= patch_token_advantage(rollouts, rewards, set(target_parts[2].token_ids))
         stats = loop.update(cfg, generator, optimizer, rollouts, rewards)
         row = {"label": label, "seed": cfg.seed, "iteration": it, **metrics,
                **{f"policy_{k}": v for k, v in stats.items()},
