@@ -91,8 +91,8 @@ def patch_token_advantage(rollouts, rewards, patch: set[int]) -> dict:
         adv = by_id[r.example_id].token_advantages if r.example_id in by_id else None
         for token, a in zip(r.token_ids, adv or []):
             (on if token in patch else off).append(a)
-    return {"patch_token_advantage": statistics.mean(on) if on else 0.0,
-            "other_token_advantage": statistics.mean(off) if off else 0.0} if patch else {}
+    got = {"patch_token_advantage": on, "other_token_advantage": off}  # absent where no token (or no token credit)
+    return {k: statistics.mean(v) for k, v in got.items() if v and patch}
 
 
 def run(cfg, iterations: int, label: str, out, oracle: int = 0, eval_sizes: list[int] | None = None,
