@@ -141,6 +141,20 @@ def patch_gradients(cfg, texts: list[str], target_model, target_tokenizer, targe
     return torch.stack(out)  # (n, rows, cols)
 
 
+def pattern_pool(cfg, pool_size: int, flag: str):
+    """(target model, its tokenizer, target, goal image (rows, cols) of +-1, `pool_size` completions of the initial
+    generator: prompts and samples of outer iteration 10**6) for the benches that need a pattern target."""
+    from dpg import loop
+
+    generator, tokenizer, target_model, target_tokenizer, target = setup(cfg)
+    pictures = target.image(target_model) if target.image is not None else {}
+    if "goal" not in pictures:
+        raise SystemExit(f"{flag} needs a pattern target")
+    wide = replace(cfg, prompts=replace(cfg.prompts, per_iteration=-(-pool_size // cfg.rollouts.n_rollouts)))
+    pool = [r.text for r in loop.sample(wide, 10**6, generator, tokenizer, "initial")][:pool_size]
+    return target_model, target_tokenizer, target, pictures["goal"], pool
+
+
 def linear_reach(cfg, pool_size: int, batch: int) -> dict:
     import numpy as np
     import torch
@@ -148,12 +162,8 @@ def linear_reach(cfg, pool_size: int, batch: int) -> dict:
 
     from dpg import loop
 
-    generator, tokenizer, target_model, target_tokenizer, target = setup(cfg)
-    if target.image is None or "goal" not in target.image(target_model):
-        raise SystemExit("--linear needs a pattern target")
-    wide = replace(cfg, prompts=replace(cfg.prompts, per_iteration=-(-pool_size // cfg.rollouts.n_rollouts)))
-    pool = [r.text for r in loop.sample(wide, 10**6, generator, tokenizer, "initial")][:pool_size]
-    goal = torch.as_tensor(target.image(target_model)["goal"]).double().flatten()  # (pixels,)
+    target_model, target_tokenizer, target, goal, pool = pattern_pool(cfg, pool_size, "--linear")
+    goal = torch.as_tensor(goal).double().flatten()  # (pixels,)
     A = -patch_gradients(cfg, pool, target_model, target_tokenizer, target).double().flatten(1)  # (n, pixels)
     aligned = A * goal  # > 0 where a text moves a pixel its goal's way
     # (a) max t s.t. aligned^T w >= t, w >= 0, sum w = 1; variables (w, t), minimise -t
@@ -220,7 +230,7 @@ def frequency_directions(model, ids, mask, cols: list[int], chunk: int = 64):
         out = model(inputs_embeds=emb, attention_mask=m, output_hidden_states=True)
         keep = (m[:, 1:] * m[:, :-1]).bool()  # label x[:, t + 1] predicted from position t
         loss = (F.cross_entropy(out.logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none") * keep).sum()
-        (g_in,) = torch.autograd.grad(loss, emb)
+        g_in = torch.autograd.grad(loss, emb)[0].double()
         h = out.hidden_states[-1][:, :-1].detach().double()  # the head's input (after the final norm)
         p = torch.softmax(out.logits[:, :-1].detach().double(), -1)
         positions += int(keep.sum())
@@ -229,7 +239,7 @@ def frequency_directions(model, ids, mask, cols: list[int], chunk: int = 64):
             V[j] += h[occ].sum(0)
             if tied:
                 first = m[:, 0].bool() & (x[:, 0] == c)
-                V[j] -= g_in[:, 1:].double()[occ].sum(0) + g_in[:, 0].double()[first].sum(0)
+                V[j] -= g_in[:, 1:][occ].sum(0) + g_in[:, 0][first].sum(0)
             U[j] += (p[..., c, None] * h)[keep].sum(0)
             counts[j] += int(occ.sum())
     return V, U, counts, positions
@@ -246,16 +256,11 @@ def cone_ceiling(v, u, goal) -> float:
 def frequency_cone(cfg, pool_size: int) -> dict:
     import numpy as np
 
-    from dpg import loop
     from dpg.generator import to_target_examples
 
-    generator, tokenizer, target_model, target_tokenizer, target = setup(cfg)
-    if target.image is None or "goal" not in target.image(target_model):
-        raise SystemExit("--cone needs a pattern target")
-    goal = np.asarray(target.image(target_model)["goal"])  # (rows, cols) of +-1
+    target_model, target_tokenizer, target, goal, texts = pattern_pool(cfg, pool_size, "--cone")
+    goal = np.asarray(goal)  # (rows, cols) of +-1
     rows = goal.shape[0]
-    wide = replace(cfg, prompts=replace(cfg.prompts, per_iteration=-(-pool_size // cfg.rollouts.n_rollouts)))
-    texts = [r.text for r in loop.sample(wide, 10**6, generator, tokenizer, "initial")][:pool_size]
     ids, mask, _, _ = to_target_examples(texts, target_tokenizer, cfg.sft.max_len)
     cols = list(target.token_ids)
     V, U, counts, positions = frequency_directions(target_model, ids, mask, cols)
