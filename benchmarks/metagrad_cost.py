@@ -172,7 +172,7 @@ def run_one(args) -> dict:
     load_s = time.perf_counter() - load_start
     config = dpg.SFTConfig(optimizer="adamw", lr=1e-5, microbatch=args.microbatch, grad_accum=args.grad_accum,
                            max_len=args.seq, dtype=args.dtype, checkpoint=args.checkpoint, reverse=args.reverse,
-                           weight_decay=1e-4)
+                           weight_decay=1e-4, sweep_microbatch=args.sweep_microbatch)
     n = args.T * config.step_size
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
@@ -260,6 +260,7 @@ def spawn(args, mode: str, T: int, reverse: str, python: str | None = None) -> d
            "--device", args.device, "--dtype", args.dtype, "--seq", str(args.seq), "--microbatch",
            str(args.microbatch), "--grad-accum", str(args.grad_accum), "--checkpoint", args.checkpoint,
            "--reverse", reverse, "--repeats", str(args.repeats), "--seed", str(args.seed)]
+    cmd += ["--sweep-microbatch", str(args.sweep_microbatch)] if args.sweep_microbatch else []
     env = dict(os.environ)
     if args.omp_wait != "default" and args.device == "cpu":
         env.setdefault("OMP_WAIT_POLICY", args.omp_wait.upper())
@@ -383,6 +384,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--checkpoint", default="disk", choices=("disk", "host", "recompute"))
     ap.add_argument("--reverse", default="forward_over_reverse", choices=REVERSES)
+    ap.add_argument("--sweep-microbatch", type=int, help="SFTConfig.sweep_microbatch of the metagradient runs "
+                    "(rows per call of the reverse sweep; default: the microbatch)")
     ap.add_argument("--compare-reverse", action="store_true",
                     help="one plain run and one metagradient run per reverse mode, at each T in --steps")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (fastest reported)")

@@ -61,6 +61,11 @@ class SFTConfig:
     reverse: str = "forward_over_reverse"
     """How a reverse step gets H_t u and the per-example scores (see benchmarks/metagrad_cost.py).
     `reverse_over_forward` is wrong through nn.LayerNorm in torch <= 2.13 (pytorch/pytorch#196700)."""
+    sweep_microbatch: int | None = None
+    """Examples per call of the reverse pass's sweep (None: microbatch; the scores are the same). The sweep holds
+    primal and tangent activations, about twice a plain backward's: microbatch / 2 keeps the reverse pass's peak
+    memory near plain SFT's, at some cost in time (benchmarks/RESULTS-metagrad.md)."""
+
     def __post_init__(self) -> None:
         for key, options in CHOICES.items():
             _require(getattr(self, key) in options, key, getattr(self, key), f"use one of {list(options)}")
@@ -68,9 +73,9 @@ class SFTConfig:
             value = getattr(self, key)
             _require(_real(value) and (value > 0 if key == "lr" else value >= 0), key, value,
                      "use a positive number" if key == "lr" else "use a number >= 0")
-        for key in ("microbatch", "grad_accum", "max_len", "checkpoint_every"):
+        for key in ("microbatch", "grad_accum", "max_len", "checkpoint_every", "sweep_microbatch"):
             value = getattr(self, key)
-            if value is not None or key != "checkpoint_every":
+            if value is not None or key not in ("checkpoint_every", "sweep_microbatch"):
                 _require(_int(value) and value >= (2 if key == "max_len" else 1), key, value,
                          f"use an integer >= {2 if key == 'max_len' else 1}")
         b = self.betas

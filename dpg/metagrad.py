@@ -83,17 +83,22 @@ class MetagradResult:
 
 
 class DiskStore:
-    """Checkpoints as one file per step; writes overlap compute (one in flight), reads prefetch one step."""
+    """Checkpoints as one file per step; writes overlap compute (one in flight). On a CUDA device reads prefetch
+    one step. On the CPU they do not: the file was just written, so a read is a copy out of the page cache (~3 % of
+    a reverse step here), and a prefetched step would hold a fourth of the reverse pass's memory
+    (benchmarks/RESULTS-metagrad.md)."""
 
     def __init__(self, root: str | None):
         self.dir = Path(tempfile.mkdtemp(prefix="dpg-ckpt-", dir=root))
         self.pool = ThreadPoolExecutor(1)
         self.pending: Future | None = None
         self.prefetched: dict[int, Future] = {}
+        self.prefetch = False
 
     def put(self, t: int, c: Checkpoint) -> None:
         if self.pending:
             self.pending.result()
+        self.prefetch = next(iter(c.theta.values())).device.type == "cuda"
         blob = {"theta": c.theta, "count": c.state.count, "moments": state_tensors(c.state), "g": c.g}
         self.pending = self.pool.submit(torch.save, blob, self.dir / f"{t}.pt")
 
@@ -102,7 +107,7 @@ class DiskStore:
             self.pending.result()
             self.pending = None
         fut = self.prefetched.pop(t, None) or self.pool.submit(self._load, t)
-        if t > 0:
+        if t > 0 and self.prefetch:
             self.prefetched[t - 1] = self.pool.submit(self._load, t - 1)
         blob = fut.result()
         return Checkpoint(blob["theta"], type(like)(blob["count"], *blob["moments"]), blob["g"])
@@ -194,8 +199,9 @@ def optimizer_vjp(opt: Optimizer, c: Checkpoint, adj: Adjoint) -> tuple[Adjoint,
 
     The update is elementwise, so it is differentiated one parameter at a time (in closed form where the
     optimizer gives `vjp`, by torch.func otherwise), and each input is
-    released as soon as it is used: `adj`, `c.state`'s moments and `c.g` are consumed (emptied);
-    `c.theta` is kept for the sweep. Peak memory stays near one parameter copy above the inputs.
+    released as soon as it is used: `adj`, `c.state`'s moments and `c.g` are consumed (emptied, and with a
+    closed form their tensors are overwritten by the results); `c.theta` is kept for the sweep. Peak memory stays
+    near one parameter copy above the inputs.
     """
     adj_theta, adj_moments, u = {}, tuple({} for _ in adj.moments), {}
     moments = state_tensors(c.state)
@@ -225,38 +231,49 @@ def sweep(work: nn.Module, theta: Params, batch: Batch, rows: slice, u: Params, 
     (rows, L) where the weights are per token. With a process group: this rank's microbatches only (the HVP
     part is summed by the caller, ldot is 0 on the other ranks' rows)."""
     hvp, ldots = None, []
-    for i, mb in enumerate(microbatches(rows, config)):
-        w = batch.weights[mb] / config.microbatch
-        per_token = w.ndim == 2
+    for i, whole in enumerate(microbatches(rows, config)):
         if not mine(i, group):
-            ldots.append(torch.zeros(w.shape, dtype=config.torch_dtype, device=w.device))
+            ldots.append(torch.zeros(batch.weights[whole].shape, dtype=config.torch_dtype, device=batch.weights.device))
             continue
-
-        def losses(th, mb=mb, per_token=per_token):
-            terms = token_losses(work, th, batch, mb, config)  # (b, L)
-            return terms if per_token else terms.sum(1)
-
-        if not need_hvp:
-            h, ld = None, jvp(losses, (theta,), (u,))[1]
-        elif config.reverse == "reverse_over_forward":
-            def tangent_dot(th):
-                ld = jvp(losses, (th,), (u,))[1]
-                return (w * ld).sum(), ld  # w (b,) or (b, L) matches ld
-            h, ld = grad(tangent_dot, has_aux=True)(theta)
-        elif config.reverse == "forward_over_reverse":
-            def grad_and_losses(th):
-                return grad(lambda x: ((w * (ls := losses(x))).sum(), ls), has_aux=True)(th)
-            _, (h, ld) = jvp(grad_and_losses, (theta,), (u,))
-        else:  # double_backward: HVP by autograd.grad(create_graph=True), scores by a separate JVP
-            params = {k: v.detach().requires_grad_() for k, v in theta.items()}
-            with torch.enable_grad():
-                g = torch.autograd.grad((w * losses(params)).sum(), list(params.values()), create_graph=True)
-                h = grads(g, params, grad_outputs=[u[k] for k in params])
-            ld = jvp(losses, (theta,), (u,))[1]
-        ldots.append(ld.detach())
-        if h is not None:
-            hvp = h if hvp is None else {k: hvp[k] + h[k] for k in hvp}
+        size = config.sweep_microbatch or config.microbatch
+        for a in range(whole.start, whole.stop, size):
+            h, ld = _sweep_rows(work, theta, batch, slice(a, min(a + size, whole.stop)), u, config, need_hvp)
+            ldots.append(ld.detach())
+            if h is not None and hvp is None:
+                hvp = h
+            elif h is not None:
+                for k in hvp:
+                    hvp[k].add_(h.pop(k))
     return hvp, torch.cat(ldots)
+
+
+def _sweep_rows(work: nn.Module, theta: Params, batch: Batch, mb: slice, u: Params, config: SFTConfig,
+                need_hvp: bool) -> tuple[Params | None, Tensor]:
+    """(H u or None, ldot) of the rows `mb`, each weighted by w_i / microbatch as in the SFT loss."""
+    w = batch.weights[mb] / config.microbatch
+    per_token = w.ndim == 2
+
+    def losses(th):
+        terms = token_losses(work, th, batch, mb, config)  # (b, L)
+        return terms if per_token else terms.sum(1)
+
+    if not need_hvp:
+        return None, jvp(losses, (theta,), (u,))[1]
+    if config.reverse == "reverse_over_forward":
+        def tangent_dot(th):
+            ld = jvp(losses, (th,), (u,))[1]
+            return (w * ld).sum(), ld  # w (b,) or (b, L) matches ld
+        return grad(tangent_dot, has_aux=True)(theta)
+    if config.reverse == "forward_over_reverse":
+        def grad_and_losses(th):
+            return grad(lambda x: ((w * (ls := losses(x))).sum(), ls), has_aux=True)(th)
+        return jvp(grad_and_losses, (theta,), (u,))[1]
+    # double_backward: HVP by autograd.grad(create_graph=True), scores by a separate JVP
+    params = {k: v.detach().requires_grad_() for k, v in theta.items()}
+    with torch.enable_grad():
+        g = torch.autograd.grad((w * losses(params)).sum(), list(params.values()), create_graph=True)
+        h = grads(g, params, grad_outputs=[u[k] for k in params])
+    return h, jvp(losses, (theta,), (u,))[1]
 
 
 def reverse_step(work: nn.Module, opt: Optimizer, c: Checkpoint, adj: Adjoint, batch: Batch, rows: slice,
@@ -267,7 +284,9 @@ def reverse_step(work: nn.Module, opt: Optimizer, c: Checkpoint, adj: Adjoint, b
     hvp, ldot = sweep(work, c.theta, batch, rows, u, config, need_hvp=t > 0, group=group)
     if group is not None and t > 0:
         hvp = all_reduce(hvp if hvp is not None else {k: torch.zeros_like(v) for k, v in u.items()}, group)
-    theta = adj.theta if hvp is None else {k: adj.theta[k] + hvp[k] for k in adj.theta}
+    theta = adj.theta
+    for k in theta if hvp is not None else ():
+        theta[k].add_(hvp.pop(k))  # in place: a fresh copy of the adjoint per step fragments the heap (CPU)
     what = f"adjoint at inner step {t} (reverse pass)"
     check_finite(theta, what) if checks is None else checks.add(theta, what)
     return Adjoint(theta, adj.moments), ldot.double() / config.microbatch

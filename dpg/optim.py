@@ -5,7 +5,7 @@ An optimizer is two pure functions, as in optax::
     init(theta) -> state
     update(theta, state, g) -> (theta, state)
 
-`theta`, `g` and the moments are `dict[str, Tensor]`. Nothing is mutated, so `torch.func.vjp`
+`theta`, `g` and the moments are `dict[str, Tensor]`. `update` mutates nothing, so `torch.func.vjp`
 through `update` gives the adjoints of `theta`, of the state and of `g` (the `u` of SPEC §3).
 """
 
@@ -94,18 +94,19 @@ def adamw(
             a_moments: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
         """The update's VJP in closed form: with m', v' the new moments and d = sqrt(v'/c2 + eps_root) + eps,
         theta' depends on m' through -lr/(c1 d) and on v' through lr m' / (2 c1 c2 d^2 sqrt(v'/c2 + eps_root)).
-        Its own temporaries are updated in place; its inputs are left as they are."""
+        In place: the moments, g and the adjoints are consumed, and their buffers hold the results (the reverse
+        pass reuses the same memory every step); theta is left as it is."""
         t = count + 1
         c1, c2 = 1 - b1**t, 1 - b2**t
         m_old, v_old = moments
-        root = torch.addcmul(b2 * v_old, g, g, value=1 - b2).div_(c2).add_(eps_root).sqrt_()
+        root = v_old.mul_(b2).addcmul_(g, g, value=1 - b2).div_(c2).add_(eps_root).sqrt_()
         d = root + eps
-        a_m = torch.addcdiv(a_moments[0], a_theta, d, value=-lr / c1)  # total adjoint of m'
+        a_m = a_moments[0].addcdiv_(a_theta, d, value=-lr / c1)  # total adjoint of m'
         denom = d.square_().mul_(root)
-        a_v = torch.addcdiv(a_moments[1], a_theta * torch.lerp(m_old, g, 1 - b1), denom,
-                            value=lr / (2 * c1 * c2))  # total adjoint of v'
-        u = torch.addcmul((1 - b1) * a_m, g, a_v, value=2 * (1 - b2))
-        return (1 - lr * weight_decay) * a_theta, (a_m.mul_(b1), a_v.mul_(b2)), u
+        m_new_a = m_old.lerp_(g, 1 - b1).mul_(a_theta)
+        a_v = a_moments[1].addcdiv_(m_new_a, denom, value=lr / (2 * c1 * c2))  # total adjoint of v'
+        u = g.mul_(a_v).mul_(2 * (1 - b2)).add_(a_m, alpha=1 - b1)
+        return a_theta.mul_(1 - lr * weight_decay), (a_m.mul_(b1), a_v.mul_(b2)), u
 
     return Optimizer(init, update, vjp)
 

@@ -348,9 +348,11 @@ class DPGConfig:
         identity["rollouts"] = {**identity["rollouts"], "seed": self.seed}
         identity["policy"] = {**identity["policy"], "seed": self.seed}
         identity["sft"] = {**identity["sft"], "seed": 0}
-        defaults = {"tiny_seed": None, "eval_fresh": 0, "eval_fresh_every": 1}  # added after dpg 0.1: absent from
-        identity["target"] = {k: v for k, v in identity["target"].items()  # old hashes at their defaults
-                              if not (k in defaults and v == defaults[k])}
+        added = {"target": {"tiny_seed": None, "eval_fresh": 0, "eval_fresh_every": 1},  # after dpg 0.1: absent
+                 "sft": {"sweep_microbatch": None}}  # from old hashes at their defaults
+        for section, defaults in added.items():
+            identity[section] = {k: v for k, v in identity[section].items()
+                                 if not (k in defaults and v == defaults[k])}
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     @property

@@ -90,6 +90,7 @@ def test_a_fixed_tiny_target_seed_keeps_the_target_when_the_run_seed_changes():
     # the fresh eval: in the hash when it is on, absent from it at its defaults (old runs keep their ids)
     assert load_config(None, ["target.eval_fresh=64"]).hash != load_config(None).hash
     assert load_config(None, ["target.eval_fresh=0", "target.eval_fresh_every=1"]).hash == load_config(None).hash
+    assert load_config(None, ["sft.sweep_microbatch=1"]).hash != load_config(None).hash
 
 
 def test_the_device_resolves_where_the_stage_runs_and_a_missing_one_is_one_clear_error():

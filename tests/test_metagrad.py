@@ -89,6 +89,23 @@ def test_reverse_modes_agree(arch):
         torch.testing.assert_close(other, scores[0], rtol=1e-10, atol=0)
 
 
+@pytest.mark.parametrize("reverse", ["forward_over_reverse", "double_backward"])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_sweep_microbatch_splits_the_sweep_without_changing_scores(reverse, per_token):
+    """The reverse pass's sweep in chunks of 1 row (and of 3, which does not divide the microbatch of 4) gives
+    the scores of whole microbatches, per example and per token."""
+    model = tiny_model("llama")
+    ids, mask = random_data(8, LENGTH)
+    target = dpg.get_target("pattern:67", model)
+    weights = torch.ones(8, LENGTH, dtype=torch.float64) if per_token else None
+    scores = [dpg.metagradients(model, ids, mask, target, config("adamw", microbatch=4, reverse=reverse,
+                                                                  sweep_microbatch=s), weights=weights).scores
+              for s in (None, 1, 3)]
+    assert scores[0].shape == ((8, LENGTH) if per_token else (8,))
+    for other in scores[1:]:
+        torch.testing.assert_close(other, scores[0], rtol=1e-12, atol=1e-18)
+
+
 def test_reverse_over_forward_refuses_layernorm_models():
     model = tiny_model("gpt2")
     ids, mask = random_data(4, LENGTH)
@@ -182,8 +199,12 @@ def test_optimizer_vjp_matches_autograd_through_adamw(closed_form, first_step):
     g = {"a": torch.randn(6, dtype=torch.float64)}
     adj = Adjoint({"a": torch.randn(6, dtype=torch.float64)}, tuple({"a": torch.randn(6, dtype=torch.float64)}
                                                                    for _ in range(2)))
-    consumed = Checkpoint(dict(theta), type(state)(state.count, dict(state.m), dict(state.v)), dict(g))
-    got, u = optimizer_vjp(opt, consumed, Adjoint(dict(adj.theta), tuple(dict(m) for m in adj.moments)))
+    def copied(d):
+        return {k: v.clone() for k, v in d.items()}
+
+    # the closed form overwrites its inputs (the moments, g, the adjoints) with its results: pass copies
+    consumed = Checkpoint(dict(theta), type(state)(state.count, copied(state.m), copied(state.v)), copied(g))
+    got, u = optimizer_vjp(opt, consumed, Adjoint(copied(adj.theta), tuple(copied(m) for m in adj.moments)))
     assert not consumed.g and not consumed.state.m and consumed.theta  # inputs released, theta kept
     leaves = [theta["a"].clone().requires_grad_(), *(m["a"].clone().requires_grad_() for m in state_tensors(state)),
               g["a"].clone().requires_grad_()]
