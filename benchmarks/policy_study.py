@@ -82,17 +82,26 @@ def wide_eval(cfg, it: int, generator, tokenizer, sizes: list[int], target_model
     return got
 
 
-def patch_token_advantage(rollouts, rewards, patch: set[int]) -> dict:
+def patch_token_advantage(rollouts, rewards, patch: list[int]) -> dict:
     """Mean per-token advantage of the generator tokens that are patch tokens, and of the others (token credit;
-    the toy generator and the tiny target share their vocabulary): which way the update pushes the patch tokens."""
+    the toy generator and the tiny target share their vocabulary): which way the update pushes the patch tokens.
+    Per column of the patch (patch[c]) also how often the rollouts write it (`patch_column_count`) and its mean
+    advantage (`patch_column_advantage`, None where it is not written)."""
     by_id = {r.example_id: r for r in rewards}
-    on, off = [], []
+    column = {token: c for c, token in enumerate(patch)}
+    on, off, per = [], [], [[] for _ in patch]
     for r in rollouts:
         adv = by_id[r.example_id].token_advantages if r.example_id in by_id else None
         for token, a in zip(r.token_ids, adv or []):
-            (on if token in patch else off).append(a)
+            (on if token in column else off).append(a)
+            if token in column:
+                per[column[token]].append(a)
     got = {"patch_token_advantage": on, "other_token_advantage": off}  # absent where no token (or no token credit)
-    return {k: statistics.mean(v) for k, v in got.items() if v and patch}
+    out = {k: statistics.mean(v) for k, v in got.items() if v and patch}
+    if on:
+        out |= {"patch_column_count": [len(v) for v in per],
+                "patch_column_advantage": [statistics.mean(v) if v else None for v in per]}
+    return out
 
 
 def run(cfg, iterations: int, label: str, out, oracle: int = 0, eval_sizes: list[int] | None = None,
@@ -116,7 +125,7 @@ def run(cfg, iterations: int, label: str, out, oracle: int = 0, eval_sizes: list
             rewards = oracle_rewards(rollouts, value)
             tokens = [t for r in rollouts for t in r.token_ids]
             metrics["token_value"] = sum(value.get(t, 0.0) for t in tokens) / max(len(tokens), 1)
-        metrics |= patch_token_advantage(rollouts, rewards, set(target_parts[2].token_ids))
+        metrics |= patch_token_advantage(rollouts, rewards, list(target_parts[2].token_ids))
         stats = loop.update(cfg, generator, optimizer, rollouts, rewards)
         row = {"label": label, "seed": cfg.seed, "iteration": it, **metrics,
                **{f"policy_{k}": v for k, v in stats.items()},
