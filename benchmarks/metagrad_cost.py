@@ -365,7 +365,8 @@ def run_peers(args) -> None:
     omp = os.environ.get("OMP_WAIT_POLICY") or (args.omp_wait.upper() if args.omp_wait != "default" else "default")
     print(f"\nseq {args.seq}, microbatch {args.microbatch}, grad_accum {args.grad_accum}, AdamW lr 1e-5 wd 1e-4, "
           f"target l2_norm, dpg checkpoint {args.checkpoint}, reverse {args.reverse}, repeats {args.repeats} "
-          f"(fastest reported)" + (f", OMP_WAIT_POLICY {omp}" if args.device == "cpu" else "") + "\n")
+          f"(fastest reported)" + (f", OMP_WAIT_POLICY {omp}" if args.device == "cpu" else "")
+          + (f", dpg sweep_microbatch {args.sweep_microbatch}" if args.sweep_microbatch else "") + "\n")
     print(peer_table(rows))
     print(f"\n# total {time.perf_counter() - start:.0f} s")
     if args.json:

@@ -83,31 +83,50 @@ class MetagradResult:
 
 
 class DiskStore:
-    """Checkpoints as one file per step; writes overlap compute (one in flight). On a CUDA device reads prefetch
-    one step. On the CPU they do not: the file was just written, so a read is a copy out of the page cache (~3 % of
-    a reverse step here), and a prefetched step would hold a fourth of the reverse pass's memory
-    (benchmarks/RESULTS-metagrad.md)."""
+    """Checkpoints as one file per step; writes overlap compute (one in flight).
+
+    On a CUDA device a step is a torch.save file and reads prefetch the next one. On the CPU a step is the raw bytes
+    of its tensors, read back into one set of buffers that every reverse step reuses: no prefetch (it would hold a
+    fourth of the reverse pass's memory) and no fresh allocation per step (torch.load of a step from the page cache
+    took as long as the prefetch saved; benchmarks/RESULTS-metagrad.md)."""
 
     def __init__(self, root: str | None):
         self.dir = Path(tempfile.mkdtemp(prefix="dpg-ckpt-", dir=root))
         self.pool = ThreadPoolExecutor(1)
         self.pending: Future | None = None
         self.prefetched: dict[int, Future] = {}
-        self.prefetch = False
+        self.raw: tuple[list, list[Tensor]] | None = None  # CPU: the layout (part, name), and the reused buffers
+        self.counts: dict[int, int] = {}
 
     def put(self, t: int, c: Checkpoint) -> None:
         if self.pending:
             self.pending.result()
-        self.prefetch = next(iter(c.theta.values())).device.type == "cuda"
-        blob = {"theta": c.theta, "count": c.state.count, "moments": state_tensors(c.state), "g": c.g}
-        self.pending = self.pool.submit(torch.save, blob, self.dir / f"{t}.pt")
+        parts = {"theta": c.theta, **{f"moment{i}": m for i, m in enumerate(state_tensors(c.state))},
+                 "g": c.g or {}}
+        if next(iter(c.theta.values())).device.type == "cuda":
+            blob = {"theta": c.theta, "count": c.state.count, "moments": state_tensors(c.state), "g": c.g}
+            self.pending = self.pool.submit(torch.save, blob, self.dir / f"{t}.pt")
+            return
+        layout = [(part, name) for part, tensors in parts.items() for name in tensors]
+        if self.raw is None:
+            self.raw = (layout, [torch.empty_like(parts[part][name]) for part, name in layout])
+        self.counts[t] = c.state.count
+        self.pending = self.pool.submit(_write_raw, self.dir / f"{t}.bin", [parts[p][n] for p, n in layout])
 
     def get(self, t: int, like: State) -> Checkpoint:
         if self.pending:
             self.pending.result()
             self.pending = None
+        if self.raw is not None:
+            layout, buffers = self.raw
+            _read_raw(self.dir / f"{t}.bin", buffers)
+            parts: dict[str, Params] = {}
+            for (part, name), x in zip(layout, buffers):
+                parts.setdefault(part, {})[name] = x
+            moments = tuple(parts.get(f"moment{i}", {}) for i in range(len(state_tensors(like))))
+            return Checkpoint(parts["theta"], type(like)(self.counts[t], *moments), parts.get("g"))
         fut = self.prefetched.pop(t, None) or self.pool.submit(self._load, t)
-        if t > 0 and self.prefetch:
+        if t > 0:
             self.prefetched[t - 1] = self.pool.submit(self._load, t - 1)
         blob = fut.result()
         return Checkpoint(blob["theta"], type(like)(blob["count"], *blob["moments"]), blob["g"])
@@ -118,6 +137,27 @@ class DiskStore:
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _bytes(x: Tensor):
+    return x.detach().reshape(-1).view(torch.uint8).numpy()
+
+
+def _write_raw(path: Path, tensors: list[Tensor]) -> None:
+    with open(path, "wb") as f:
+        for x in tensors:
+            f.write(_bytes(x.contiguous()))
+
+
+def _read_raw(path: Path, buffers: list[Tensor]) -> None:
+    with open(path, "rb", buffering=0) as f:
+        for x in buffers:
+            view = memoryview(_bytes(x))
+            while view.nbytes:  # a read may return fewer bytes than asked
+                got = f.readinto(view)
+                if not got:
+                    raise DPGError(f"checkpoint {path} is truncated; is its folder (sft.checkpoint_dir) shared?")
+                view = view[got:]
 
 
 class HostStore:

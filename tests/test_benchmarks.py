@@ -77,3 +77,45 @@ def test_the_frequency_cone_directions_sum_to_the_head_rows_gradient():
     goal = np.array([1.0, -1.0, 1.0, 1.0])
     assert cone_ceiling(goal, -goal, goal) == 1.0 and cone_ceiling(-goal, goal, goal) == 0.0
     assert cone_ceiling(np.array([1.0, 1, 1, 1]), np.array([1.0, 1, -1, -1]), goal) == 0.75
+
+
+def test_the_rank_one_look_at_a_patch_change(tmp_path):
+    """benchmarks/patch_rank.py: a change that is exactly d aᵀ is all one direction, its signs are read per pixel
+    and per column, the rank-one ceilings of '67' are those of a brute force over every sign pattern, and the
+    script reads policy_study rows."""
+    import itertools
+
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from patch_rank import pushed, rank_one, rank_one_ceilings
+
+    from dpg.targets import IMAGE_67
+
+    goal = np.array(IMAGE_67)
+    d, a = np.array([1.0, -2, 1, -1, 0.5, 3]), np.array([1.0, 2, -1, 0.5, 3, -2, 1])
+    look = rank_one(np.outer(d, a), goal)
+    assert abs(look["share"] - 1) < 1e-12
+    assert look["accuracy"] == look["rank1"] == (np.sign(np.outer(d, a)) == goal).mean()
+    ideal = np.sign(np.sign(d) @ goal)
+    assert look["agree"] == sum(i == 0 or np.sign(x) == i for x, i in zip(a, ideal))
+    brute = max((np.sign(np.outer(s, t)) == goal).mean() for s in itertools.product((-1, 1), repeat=6)
+                for t in itertools.product((-1, 1), repeat=7))
+    same, free = rank_one_ceilings(goal)
+    assert free == brute and same <= free and abs(same - 25 / 42) < 1e-12
+    # the most written token (column 4, a_4 > 0) fixes the orientation; column 1 needs a_1 > 0 (a tie would be
+    # left out), so a positive advantage there counts as pushed its way and a negative one does not
+    assert ideal[1] == 1
+
+    def rows_with(advantage):
+        return [{"iteration": 40, "patch_column_count": [1, 0, 0, 0, 9, 0, 0],
+                 "patch_column_advantage": [None, advantage, None, None, None, None, None]}]
+
+    assert pushed(look, rows_with(0.5)) == (1, 1) and pushed(look, rows_with(-0.5)) == (0, 1)
+    rows = rows_with(0.5)
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"seed": 0, "iteration": 59, "wide512_delta": np.outer(d, a).tolist(), **rows[0]}))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "patch_rank.py"), str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"| 0 | {look['accuracy']:.2f} | 1.00 |" in proc.stdout

@@ -1,0 +1,97 @@
+"""How much of a pattern run's patch change is one direction, and whether the reward pushes each token its way.
+
+Reads policy_study.py rows (JSON lines with `wide<n>_delta`, `patch_column_count`, `patch_column_advantage`) and
+prints, per seed, the SVD look of RESULTS-reproduce §7f at the last fresh eval:
+
+- share: the fraction of Δ's energy in its first singular direction, Δ ≈ d aᵀ (d over hidden dims, a_c per token);
+- rank1: the pixel accuracy of that rank-one part alone, sign(d) sign(a_c) per pixel;
+- agree: the columns whose sign(a_c) is the best one for the run's own d (a tie counts as agreeing);
+- pushed: the columns whose mean token advantage over iterations >= --from has the sign that the best rank-one
+  change needs (d oriented so that the most written token moves along +d; ties are left out).
+
+    .venv/bin/python benchmarks/patch_rank.py /tmp/runs.jsonl --size 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from collections import defaultdict
+
+import numpy as np
+
+
+def rank_one(delta: np.ndarray, goal: np.ndarray) -> dict:
+    """The rank-one look at one patch change `delta` against the ±1 image `goal` (same shape)."""
+    u, s, vt = np.linalg.svd(delta)
+    d, a = u[:, 0], s[0] * vt[0]
+    if a.sum() < 0:
+        d, a = -d, -a
+    sd = np.sign(d)
+    ideal = np.sign(sd @ goal)  # per column, the sign of a_c that gets most of the column right (0: either)
+    return {"accuracy": float((np.sign(delta) == goal).mean()), "share": float(s[0] ** 2 / (s ** 2).sum()),
+            "rank1": float((np.sign(np.outer(sd, np.sign(a))) == goal).mean()),
+            "agree": int(sum(ideal[c] == 0 or np.sign(a[c]) == ideal[c] for c in range(goal.shape[1]))),
+            "d": d, "a": a, "ideal": ideal}
+
+
+def rank_one_ceilings(goal: np.ndarray) -> tuple[float, float]:
+    """The best pixel accuracy of any rank-one change: with every a_c > 0, and with the signs of a free."""
+    same = free = 0.0
+    for d in itertools.product((-1, 1), repeat=goal.shape[0]):
+        hits = (goal == np.array(d)[:, None]).sum(0)
+        same = max(same, hits.sum() / goal.size)
+        free = max(free, np.maximum(hits, goal.shape[0] - hits).sum() / goal.size)
+    return same, free
+
+
+def pushed(look: dict, rows: list[dict]) -> tuple[int, int]:
+    """(columns whose mean advantage has the rank-one ideal sign, columns counted), over `rows`."""
+    counts = np.sum([r["patch_column_count"] for r in rows if r.get("patch_column_count")], axis=0)
+    ideal = look["ideal"] * (1 if look["a"][int(np.argmax(counts))] > 0 else -1)
+    good = total = 0
+    for c, want in enumerate(ideal):
+        values = [r["patch_column_advantage"][c] for r in rows
+                  if r.get("patch_column_advantage") and r["patch_column_advantage"][c] is not None]
+        if want and values:
+            total += 1
+            good += int(np.sign(np.mean(values)) == want)
+    return good, total
+
+
+def main() -> int:
+    from dpg.targets import IMAGE_67
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("rows", nargs="+")
+    ap.add_argument("--size", type=int, default=512, help="the fresh eval's size (wide<size>_delta)")
+    ap.add_argument("--from", dest="start", type=int, default=30, help="first iteration of the advantage means")
+    args = ap.parse_args()
+    goal = np.array(IMAGE_67)
+    by_seed = defaultdict(list)
+    for path in args.rows:
+        for line in open(path):
+            row = json.loads(line)
+            by_seed[row["seed"]].append(row)
+    same, free = rank_one_ceilings(goal)
+    print(f"rank-one ceilings of '67': {same:.3f} with every a_c > 0, {free:.3f} with free signs")
+    print("| seed | final | share | rank1 | agree | pushed |\n|---|---|---|---|---|---|")
+    finals, fractions = [], []
+    for seed, rows in sorted(by_seed.items()):
+        evals = [r for r in rows if f"wide{args.size}_delta" in r]
+        if not evals:
+            continue
+        look = rank_one(np.array(evals[-1][f"wide{args.size}_delta"]), goal)
+        good, total = pushed(look, [r for r in rows if r["iteration"] >= args.start])
+        finals.append(look["accuracy"])
+        fractions.append(good / total if total else float("nan"))
+        print(f"| {seed} | {look['accuracy']:.2f} | {look['share']:.2f} | {look['rank1']:.2f} | "
+              f"{look['agree']}/{goal.shape[1]} | {good}/{total} |")
+    if len(finals) > 2:
+        print(f"\nr(final, pushed share) = {np.corrcoef(finals, fractions)[0, 1]:.2f} over {len(finals)} seeds")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
