@@ -93,9 +93,11 @@ def patch_token_advantage(rollouts, rewards, patch: list[int]) -> dict:
     for r in rollouts:
         adv = by_id[r.example_id].token_advantages if r.example_id in by_id else None
         for token, a in zip(r.token_ids, adv or []):
-            (on if token in column else off).append(a)
             if token in column:
+                on.append(a)
                 per[column[token]].append(a)
+            else:
+                off.append(a)
     got = {"patch_token_advantage": on, "other_token_advantage": off}  # absent where no token (or no token credit)
     out = {k: statistics.mean(v) for k, v in got.items() if v and patch}
     if on:

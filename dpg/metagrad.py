@@ -101,17 +101,17 @@ class DiskStore:
     def put(self, t: int, c: Checkpoint) -> None:
         if self.pending:
             self.pending.result()
-        parts = {"theta": c.theta, **{f"moment{i}": m for i, m in enumerate(state_tensors(c.state))},
-                 "g": c.g or {}}
         if next(iter(c.theta.values())).device.type == "cuda":
             blob = {"theta": c.theta, "count": c.state.count, "moments": state_tensors(c.state), "g": c.g}
             self.pending = self.pool.submit(torch.save, blob, self.dir / f"{t}.pt")
             return
-        layout = [(part, name) for part, tensors in parts.items() for name in tensors]
-        if self.raw is None:
+        parts = {"theta": c.theta, **{f"moment{i}": m for i, m in enumerate(state_tensors(c.state))},
+                 "g": c.g or {}}
+        if self.raw is None:  # every step has the same tensors
+            layout = [(part, name) for part, tensors in parts.items() for name in tensors]
             self.raw = (layout, [torch.empty_like(parts[part][name]) for part, name in layout])
         self.counts[t] = c.state.count
-        self.pending = self.pool.submit(_write_raw, self.dir / f"{t}.bin", [parts[p][n] for p, n in layout])
+        self.pending = self.pool.submit(_write_raw, self.dir / f"{t}.bin", [parts[p][n] for p, n in self.raw[0]])
 
     def get(self, t: int, like: State) -> Checkpoint:
         if self.pending:
@@ -271,17 +271,19 @@ def sweep(work: nn.Module, theta: Params, batch: Batch, rows: slice, u: Params, 
     (rows, L) where the weights are per token. With a process group: this rank's microbatches only (the HVP
     part is summed by the caller, ldot is 0 on the other ranks' rows)."""
     hvp, ldots = None, []
+    size = config.sweep_microbatch or config.microbatch
     for i, whole in enumerate(microbatches(rows, config)):
         if not mine(i, group):
             ldots.append(torch.zeros(batch.weights[whole].shape, dtype=config.torch_dtype, device=batch.weights.device))
             continue
-        size = config.sweep_microbatch or config.microbatch
         for a in range(whole.start, whole.stop, size):
             h, ld = _sweep_rows(work, theta, batch, slice(a, min(a + size, whole.stop)), u, config, need_hvp)
             ldots.append(ld.detach())
-            if h is not None and hvp is None:
+            if h is None:
+                continue
+            if hvp is None:
                 hvp = h
-            elif h is not None:
+            else:
                 for k in hvp:
                     hvp[k].add_(h.pop(k))
     return hvp, torch.cat(ldots)
@@ -325,8 +327,9 @@ def reverse_step(work: nn.Module, opt: Optimizer, c: Checkpoint, adj: Adjoint, b
     if group is not None and t > 0:
         hvp = all_reduce(hvp if hvp is not None else {k: torch.zeros_like(v) for k, v in u.items()}, group)
     theta = adj.theta
-    for k in theta if hvp is not None else ():
-        theta[k].add_(hvp.pop(k))  # in place: a fresh copy of the adjoint per step fragments the heap (CPU)
+    if hvp is not None:
+        for k in theta:
+            theta[k].add_(hvp.pop(k))  # in place: a fresh copy of the adjoint per step fragments the heap (CPU)
     what = f"adjoint at inner step {t} (reverse pass)"
     check_finite(theta, what) if checks is None else checks.add(theta, what)
     return Adjoint(theta, adj.moments), ldot.double() / config.microbatch
