@@ -3,6 +3,8 @@
 Runs `--iterations` outer iterations of a config exactly as the pipeline's stages do (dpg.loop: sample,
 group rewards, advantages, GRPO update, evaluation), for each `--seeds` seed, and appends one JSON line
 per iteration to OUT (metrics of the evaluation, reward and policy statistics, mean completion length).
+With `--deltas` a pattern target's rows also hold the patch change of the batch's eval SFT (`eval_delta`) and of
+each reward SFT group's own plain SFT (`group_delta`): what each reward is taken against.
 With `--set rewards.credit=token-own` it uses per-token metagradients (dpg.credit).
 
     .venv/bin/python benchmarks/policy_study.py experiments/pattern-67.yaml --seeds 0 1 2 --out /tmp/s.jsonl \
@@ -106,8 +108,18 @@ def patch_token_advantage(rollouts, rewards, patch: list[int]) -> dict:
     return out
 
 
+def group_deltas(cfg, rollouts, target_model, target_tokenizer, target) -> list:
+    """The patch change Δ (rows × cols) of each reward SFT group's own plain SFT, in group order: what the reward
+    of that group is taken against, to compare with the fresh eval's Δ."""
+    from dpg import loop
+
+    it = rollouts[0].outer_iteration
+    return [target.image(loop.fine_tune(cfg, [r for r in rollouts if r.group_id == g], target_model,
+                                        target_tokenizer, it))["delta"].tolist() for g in loop.group_ids(cfg)]
+
+
 def run(cfg, iterations: int, label: str, out, oracle: int = 0, eval_sizes: list[int] | None = None,
-        eval_every: int = 5) -> None:
+        eval_every: int = 5, deltas: bool = False) -> None:
     from dpg import loop
     from dpg.policy import policy_optimizer
 
@@ -117,7 +129,10 @@ def run(cfg, iterations: int, label: str, out, oracle: int = 0, eval_sizes: list
     start = time.perf_counter()
     for it in range(iterations):
         rollouts = loop.sample(cfg, it, generator, tokenizer, f"v{it}")
-        metrics, _ = loop.evaluate(cfg, rollouts, *target_parts)
+        metrics, pictures = loop.evaluate(cfg, rollouts, *target_parts)
+        if deltas and "delta" in pictures:
+            metrics |= {"eval_delta": pictures["delta"].tolist(),
+                        "group_delta": group_deltas(cfg, rollouts, *target_parts)}
         if eval_sizes and (it % eval_every == 0 or it == iterations - 1):
             metrics |= wide_eval(cfg, it, generator, tokenizer, eval_sizes, *target_parts)
         if value is None:
@@ -151,6 +166,8 @@ def main() -> int:
                         help="every --eval-every iterations, also fine-tune on N fresh completions (a larger eval)")
     parser.add_argument("--eval-every", type=int, default=5, metavar="K",
                         help="iterations between the --eval-sizes evals (the last iteration always has one)")
+    parser.add_argument("--deltas", action="store_true",
+                        help="also record the patch change of the batch's eval SFT and of each reward SFT group")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -160,7 +177,7 @@ def main() -> int:
         for seed in args.seeds:
             cfg = load_config(args.config, [*args.set, f"seed={seed}"])
             run(cfg, args.iterations, args.label or " ".join(args.set) or "config", out, args.oracle,
-                args.eval_sizes, args.eval_every)
+                args.eval_sizes, args.eval_every, args.deltas)
     return 0
 
 

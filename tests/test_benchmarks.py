@@ -119,3 +119,36 @@ def test_the_rank_one_look_at_a_patch_change(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert f"| 0 | {look['accuracy']:.2f} | 1.00 |" in proc.stdout
+
+
+def test_policy_study_records_each_reward_groups_patch_change():
+    """policy_study --deltas: one Δ per reward SFT group, each the plain SFT of exactly that group's rollouts; with
+    one group (rollouts.grouping=cross) it is the batch eval's own Δ, and recording it leaves the run's draws alone."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from policy_study import group_deltas
+    from reward_signal import setup
+
+    from dpg import loop
+    from dpg.runconfig import load_config
+
+    small = ["target.tiny_pretrain_steps=0", "prompts.per_iteration=4", "rollouts.max_new_tokens=6"]
+    for grouping, groups in (("inverse", 4), ("cross", 1)):
+        cfg = load_config(ROOT / "experiments" / "pattern-67.yaml", [*small, f"rollouts.grouping={grouping}"])
+        generator, tokenizer, *target_parts = setup(cfg)
+        rollouts = loop.sample(cfg, 0, generator, tokenizer, "v0")
+        _, pictures = loop.evaluate(cfg, rollouts, *target_parts)
+        deltas = np.array(group_deltas(cfg, rollouts, *target_parts))
+        assert deltas.shape == (groups, 6, 7) and np.abs(deltas).max() > 0
+        if grouping == "cross":
+            assert np.array_equal(deltas[0], pictures["delta"])
+        else:
+            first = [r for r in rollouts if r.group_id == 0]
+            alone = target_parts[2].image(loop.fine_tune(cfg, first, *target_parts[:2], 0))["delta"]
+            assert np.array_equal(deltas[0], alone) and not np.array_equal(deltas[0], deltas[1])
+        again = loop.sample(cfg, 1, generator, tokenizer, "v1")
+        cfg2 = load_config(ROOT / "experiments" / "pattern-67.yaml", [*small, f"rollouts.grouping={grouping}"])
+        generator2, tokenizer2, *_ = setup(cfg2)
+        loop.sample(cfg2, 0, generator2, tokenizer2, "v0")
+        assert [r.text for r in loop.sample(cfg2, 1, generator2, tokenizer2, "v1")] == [r.text for r in again]
