@@ -6,6 +6,9 @@ per iteration to OUT (metrics of the evaluation, reward and policy statistics, m
 With `--deltas` a pattern target's rows also hold the patch change of the batch's eval SFT (`eval_delta`) and of
 each reward SFT group's own plain SFT (`group_delta`): what each reward is taken against.
 With `--set rewards.credit=token-own` it uses per-token metagradients (dpg.credit).
+`--reward-lr X` takes the rewards against SFTs with learning rate X while every eval keeps sft.lr: a reward from a
+shorter step of the same SFT (RESULTS-reproduce.md §7h). `--reward-base wide` starts the reward SFTs from the
+target as the latest `--eval-sizes` eval left it: a reward taken near where the metric is read.
 
     .venv/bin/python benchmarks/policy_study.py experiments/pattern-67.yaml --seeds 0 1 2 --out /tmp/s.jsonl \
         --set rewards.name=random --set rewards.credit=sequence
@@ -63,10 +66,10 @@ def oracle_rewards(rollouts, value: dict[int, float]) -> list:
                    token_advantages=[value.get(t, 0.0) for t in r.token_ids]) for r in rollouts]
 
 
-def wide_eval(cfg, it: int, generator, tokenizer, sizes: list[int], target_model, target_tokenizer, target) -> dict:
-    """The human metric after the eval's SFT on the first n of max(sizes) fresh completions of the current
-    generator, for each n in sizes (prompts and samples of outer iteration 10**7 + it, not the run's); for a
-    pattern target also the patch's change Δ (`wide<n>_delta`, rows × cols)."""
+def wide_eval(cfg, it: int, generator, tokenizer, sizes: list[int], target_model, target_tokenizer, target):
+    """(metrics, the target tuned on the last size): the human metric after the eval's SFT on the first n of
+    max(sizes) fresh completions of the current generator, for each n in sizes (prompts and samples of outer
+    iteration 10**7 + it, not the run's); for a pattern target also the patch's change Δ (`wide<n>_delta`)."""
     from dataclasses import replace
 
     from dpg import loop
@@ -81,7 +84,7 @@ def wide_eval(cfg, it: int, generator, tokenizer, sizes: list[int], target_model
         got |= {f"wide{n}_{k}": v for k, v in target.report(tuned).items()}
         if target.image is not None:  # the patch's change, for a per-pixel look at what a run reaches
             got[f"wide{n}_delta"] = target.image(tuned)["delta"].tolist()
-    return got
+    return got, tuned
 
 
 def patch_token_advantage(rollouts, rewards, patch: list[int]) -> dict:
@@ -119,11 +122,17 @@ def group_deltas(cfg, rollouts, target_model, target_tokenizer, target) -> list:
 
 
 def run(cfg, iterations: int, label: str, out, oracle: int = 0, eval_sizes: list[int] | None = None,
-        eval_every: int = 5, deltas: bool = False) -> None:
+        eval_every: int = 5, deltas: bool = False, reward_lr: float | None = None,
+        reward_base: str = "target") -> None:
+    from dataclasses import replace
+
     from dpg import loop
     from dpg.policy import policy_optimizer
 
+    reward_cfg = cfg if reward_lr is None else replace(cfg, sft=replace(cfg.sft, lr=reward_lr))
+
     generator, tokenizer, *target_parts = setup(cfg)
+    base = target_parts[0]
     optimizer = policy_optimizer(generator, cfg.policy)
     value = token_values(cfg, oracle, generator, tokenizer, *target_parts) if oracle else None
     start = time.perf_counter()
@@ -132,11 +141,14 @@ def run(cfg, iterations: int, label: str, out, oracle: int = 0, eval_sizes: list
         metrics, pictures = loop.evaluate(cfg, rollouts, *target_parts)
         if deltas and "delta" in pictures:
             metrics |= {"eval_delta": pictures["delta"].tolist(),
-                        "group_delta": group_deltas(cfg, rollouts, *target_parts)}
+                        "group_delta": group_deltas(reward_cfg, rollouts, *target_parts)}
         if eval_sizes and (it % eval_every == 0 or it == iterations - 1):
-            metrics |= wide_eval(cfg, it, generator, tokenizer, eval_sizes, *target_parts)
+            wide, tuned = wide_eval(cfg, it, generator, tokenizer, eval_sizes, *target_parts)
+            metrics |= wide
+            if reward_base == "wide":
+                base = tuned
         if value is None:
-            taus, credit = rewards_of(cfg, rollouts, *target_parts)
+            taus, credit = rewards_of(reward_cfg, rollouts, base, *target_parts[1:])
             rewards = loop.advantages(cfg, rollouts, taus, credit)
         else:
             rewards = oracle_rewards(rollouts, value)
@@ -168,6 +180,11 @@ def main() -> int:
                         help="iterations between the --eval-sizes evals (the last iteration always has one)")
     parser.add_argument("--deltas", action="store_true",
                         help="also record the patch change of the batch's eval SFT and of each reward SFT group")
+    parser.add_argument("--reward-lr", type=float, default=None, metavar="X",
+                        help="take the rewards against SFTs with learning rate X (the evals keep sft.lr)")
+    parser.add_argument("--reward-base", choices=["target", "wide"], default="target",
+                        help="the target the reward SFTs start from: the target itself, or the model of the latest "
+                             "--eval-sizes eval (its largest size)")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -177,7 +194,7 @@ def main() -> int:
         for seed in args.seeds:
             cfg = load_config(args.config, [*args.set, f"seed={seed}"])
             run(cfg, args.iterations, args.label or " ".join(args.set) or "config", out, args.oracle,
-                args.eval_sizes, args.eval_every, args.deltas)
+                args.eval_sizes, args.eval_every, args.deltas, args.reward_lr, args.reward_base)
     return 0
 
 

@@ -150,3 +150,33 @@ def test_policy_study_records_each_reward_groups_patch_change():
         generator2, tokenizer2, *_ = setup(cfg)
         loop.sample(cfg, 0, generator2, tokenizer2, "v0")
         assert [r.text for r in loop.sample(cfg, 1, generator2, tokenizer2, "v1")] == [r.text for r in again]
+
+
+def test_policy_study_reward_lr_and_base_change_the_reward_and_leave_the_evals():
+    """policy_study --reward-lr / --reward-base wide: the rewards (and so the update) change, every eval of the
+    iteration stays the same; --reward-lr equal to sft.lr is the default run."""
+    import io
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from policy_study import run
+
+    from dpg.runconfig import load_config
+
+    small = ["target.tiny_pretrain_steps=0", "prompts.per_iteration=4", "rollouts.max_new_tokens=6"]
+    cfg = load_config(ROOT / "experiments" / "pattern-67.yaml", small)
+
+    def first_row(**kw):
+        out = io.StringIO()
+        run(cfg, 1, "t", out, eval_sizes=[8], **kw)
+        row = json.loads(out.getvalue().splitlines()[0])
+        row.pop("seconds")
+        return row
+
+    default = first_row()
+    assert first_row(reward_lr=cfg.sft.lr) == default
+    evals = ("eval_phi", "eval_pixel_accuracy", "wide8_phi", "wide8_pixel_accuracy")
+    for kw in ({"reward_lr": cfg.sft.lr / 8}, {"reward_base": "wide"}):
+        row = first_row(**kw)
+        assert all(row[k] == default[k] for k in evals), kw
+        assert row["other_token_advantage"] != default["other_token_advantage"], kw
+        assert row["policy_grad_norm"] != default["policy_grad_norm"], kw
