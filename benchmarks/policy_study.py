@@ -130,7 +130,6 @@ def run(cfg, iterations: int, label: str, out, oracle: int = 0, eval_sizes: list
     from dpg.policy import policy_optimizer
 
     reward_cfg = cfg if reward_lr is None else replace(cfg, sft=replace(cfg.sft, lr=reward_lr))
-
     generator, tokenizer, *target_parts = setup(cfg)
     base = target_parts[0]
     optimizer = policy_optimizer(generator, cfg.policy)
@@ -188,6 +187,8 @@ def main() -> int:
     parser.add_argument("--label", default="")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.reward_base == "wide" and not args.eval_sizes:
+        parser.error("--reward-base wide starts the rewards from the --eval-sizes eval's model: give --eval-sizes")
     from dpg.runconfig import load_config
 
     with open(args.out, "a") as out:
