@@ -5,9 +5,12 @@ prints, per seed, the SVD look of RESULTS-reproduce §7f at the last fresh eval:
 
 - share: the fraction of Δ's energy in its first singular direction, Δ ≈ d aᵀ (d over hidden dims, a_c per token);
 - rank1: the pixel accuracy of that rank-one part alone, sign(d) sign(a_c) per pixel;
+- ceiling: the best pixel accuracy of any rank-one change along the run's own d (every column's sign free): rank1
+  reaches it when every column agrees;
 - agree: the columns whose sign(a_c) is the best one for the run's own d (a tie counts as agreeing);
 - pushed: the columns whose mean token advantage over iterations >= --from has the sign that the best rank-one
-  change needs (d oriented so that the most written token moves along +d; ties are left out).
+  change needs (d oriented so that the most written token moves along +d; ties are left out);
+- cos0: |cos| between the first fresh eval's d and the last's (near 1: d is the target's, not the run's).
 
     .venv/bin/python benchmarks/patch_rank.py /tmp/runs.jsonl --size 512
 """
@@ -30,8 +33,10 @@ def rank_one(delta: np.ndarray, goal: np.ndarray) -> dict:
         d, a = -d, -a
     sd = np.sign(d)
     ideal = np.sign(sd @ goal)  # per column, the sign of a_c that gets most of the column right (0: either)
+    hits = (goal == sd[:, None]).sum(0)
     return {"accuracy": float((np.sign(delta) == goal).mean()), "share": float(s[0] ** 2 / (s ** 2).sum()),
             "rank1": float((np.sign(np.outer(sd, np.sign(a))) == goal).mean()),
+            "ceiling": float(np.maximum(hits, goal.shape[0] - hits).sum() / goal.size),
             "agree": int(sum(ideal[c] == 0 or np.sign(a[c]) == ideal[c] for c in range(goal.shape[1]))),
             "d": d, "a": a, "ideal": ideal}
 
@@ -76,18 +81,19 @@ def main() -> int:
             by_seed[row["seed"]].append(row)
     same, free = rank_one_ceilings(goal)
     print(f"rank-one ceilings of '67': {same:.3f} with every a_c > 0, {free:.3f} with free signs")
-    print("| seed | final | share | rank1 | agree | pushed |\n|---|---|---|---|---|---|")
+    print("| seed | final | share | rank1 | ceiling | agree | pushed | cos0 |\n|---|---|---|---|---|---|---|---|")
     finals, fractions = [], []
     for seed, rows in sorted(by_seed.items()):
         evals = [r for r in rows if f"wide{args.size}_delta" in r]
         if not evals:
             continue
         look = rank_one(np.array(evals[-1][f"wide{args.size}_delta"]), goal)
+        cos0 = abs(float(rank_one(np.array(evals[0][f"wide{args.size}_delta"]), goal)["d"] @ look["d"]))
         good, total = pushed(look, [r for r in rows if r["iteration"] >= args.start])
         finals.append(look["accuracy"])
         fractions.append(good / total if total else float("nan"))
         print(f"| {seed} | {look['accuracy']:.2f} | {look['share']:.2f} | {look['rank1']:.2f} | "
-              f"{look['agree']}/{goal.shape[1]} | {good}/{total} |")
+              f"{look['ceiling']:.2f} | {look['agree']}/{goal.shape[1]} | {good}/{total} | {cos0:.2f} |")
     if len(finals) > 2:
         print(f"\nr(final, pushed share) = {np.corrcoef(finals, fractions)[0, 1]:.2f} over {len(finals)} seeds")
     return 0

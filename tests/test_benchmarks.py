@@ -82,7 +82,7 @@ def test_the_frequency_cone_directions_sum_to_the_head_rows_gradient():
 def test_the_rank_one_look_at_a_patch_change(tmp_path):
     """benchmarks/patch_rank.py: a change that is exactly d aᵀ is all one direction, its signs are read per pixel
     and per column, the rank-one ceilings of '67' are those of a brute force over every sign pattern, and the
-    script reads policy_study rows."""
+    script reads policy_study rows; the ceiling along the run's own d is the best over every column sign."""
     import itertools
 
     import numpy as np
@@ -103,6 +103,9 @@ def test_the_rank_one_look_at_a_patch_change(tmp_path):
                 for t in itertools.product((-1, 1), repeat=7))
     same, free = rank_one_ceilings(goal)
     assert free == brute and same <= free and abs(same - 25 / 42) < 1e-12
+    own = max((np.sign(np.outer(np.sign(d), t)) == goal).mean() for t in itertools.product((-1, 1), repeat=7))
+    assert look["ceiling"] == own and look["rank1"] <= own
+    assert (look["rank1"] == own) == (look["agree"] == 7)
     # the most written token (column 4, a_4 > 0) fixes the orientation; column 1 needs a_1 > 0 (a tie would be
     # left out), so a positive advantage there counts as pushed its way and a negative one does not
     assert ideal[1] == 1
