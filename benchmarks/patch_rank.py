@@ -33,21 +33,25 @@ def rank_one(delta: np.ndarray, goal: np.ndarray) -> dict:
         d, a = -d, -a
     sd = np.sign(d)
     ideal = np.sign(sd @ goal)  # per column, the sign of a_c that gets most of the column right (0: either)
-    hits = (goal == sd[:, None]).sum(0)
     return {"accuracy": float((np.sign(delta) == goal).mean()), "share": float(s[0] ** 2 / (s ** 2).sum()),
             "rank1": float((np.sign(np.outer(sd, np.sign(a))) == goal).mean()),
-            "ceiling": float(np.maximum(hits, goal.shape[0] - hits).sum() / goal.size),
+            "ceiling": free_sign_accuracy(sd, goal),
             "agree": int(sum(ideal[c] == 0 or np.sign(a[c]) == ideal[c] for c in range(goal.shape[1]))),
             "d": d, "a": a, "ideal": ideal}
+
+
+def free_sign_accuracy(sd: np.ndarray, goal: np.ndarray) -> float:
+    """The best pixel accuracy of a rank-one change along the ±1 direction `sd`, each column's sign chosen freely."""
+    hits = (goal == sd[:, None]).sum(0)
+    return float(np.maximum(hits, goal.shape[0] - hits).sum() / goal.size)
 
 
 def rank_one_ceilings(goal: np.ndarray) -> tuple[float, float]:
     """The best pixel accuracy of any rank-one change: with every a_c > 0, and with the signs of a free."""
     same = free = 0.0
     for d in itertools.product((-1, 1), repeat=goal.shape[0]):
-        hits = (goal == np.array(d)[:, None]).sum(0)
-        same = max(same, hits.sum() / goal.size)
-        free = max(free, np.maximum(hits, goal.shape[0] - hits).sum() / goal.size)
+        same = max(same, float((goal == np.array(d)[:, None]).mean()))
+        free = max(free, free_sign_accuracy(np.array(d), goal))
     return same, free
 
 

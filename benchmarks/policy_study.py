@@ -6,8 +6,8 @@ per iteration to OUT (metrics of the evaluation, reward and policy statistics, m
 With `--deltas` a pattern target's rows also hold the patch change of the batch's eval SFT (`eval_delta`) and of
 each reward SFT group's own plain SFT (`group_delta`): what each reward is taken against.
 With `--set rewards.credit=token-own` it uses per-token metagradients (dpg.credit).
-`--reward-lr X` takes the rewards against SFTs with learning rate X while every eval keeps sft.lr: a reward from a
-shorter step of the same SFT (RESULTS-reproduce.md §7h). `--reward-base wide` starts the reward SFTs from the
+`--reward-lr X` takes the rewards against SFTs with learning rate X while every eval keeps sft.lr: a reward from the
+same SFT at another step size (RESULTS-reproduce.md §7h). `--reward-base wide` starts the reward SFTs from the
 target as the latest `--eval-sizes` eval left it: a reward taken near where the metric is read.
 
     .venv/bin/python benchmarks/policy_study.py experiments/pattern-67.yaml --seeds 0 1 2 --out /tmp/s.jsonl \
