@@ -12,6 +12,9 @@ prints, per seed, the SVD look of RESULTS-reproduce §7f at the last fresh eval:
   change needs (d oriented so that the most written token moves along +d; ties are left out);
 - cos0: |cos| between the first fresh eval's d and the last's (near 1: d is the target's, not the run's).
 
+`--over-time` prints instead, at each fresh eval's iteration, the means over seeds of accuracy, share, rank1,
+ceiling and agree: whether a run gains by fixing its column signs (agree rises) or by moving d (ceiling rises).
+
     .venv/bin/python benchmarks/patch_rank.py /tmp/runs.jsonl --size 512
 """
 
@@ -69,6 +72,21 @@ def pushed(look: dict, rows: list[dict]) -> tuple[int, int]:
     return good, total
 
 
+def over_time(by_seed: dict, goal: np.ndarray, key: str) -> int:
+    """Print the means over seeds of the rank-one look at each iteration that has a fresh eval."""
+    looks = defaultdict(list)
+    for rows in by_seed.values():
+        for row in rows:
+            if key in row:
+                looks[row["iteration"]].append(rank_one(np.array(row[key]), goal))
+    names = ("accuracy", "share", "rank1", "ceiling", "agree")
+    print("| iteration | seeds | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names))
+    for iteration, group in sorted(looks.items()):
+        means = " | ".join(f"{np.mean([look[n] for look in group]):.3f}" for n in names)
+        print(f"| {iteration} | {len(group)} | {means} |")
+    return 0
+
+
 def main() -> int:
     from dpg.targets import IMAGE_67
 
@@ -76,6 +94,7 @@ def main() -> int:
     ap.add_argument("rows", nargs="+")
     ap.add_argument("--size", type=int, default=512, help="the fresh eval's size (wide<size>_delta)")
     ap.add_argument("--from", dest="start", type=int, default=30, help="first iteration of the advantage means")
+    ap.add_argument("--over-time", action="store_true", help="means over seeds at each fresh eval, not the last eval")
     args = ap.parse_args()
     goal = np.array(IMAGE_67)
     by_seed = defaultdict(list)
@@ -85,6 +104,8 @@ def main() -> int:
             by_seed[row["seed"]].append(row)
     same, free = rank_one_ceilings(goal)
     print(f"rank-one ceilings of '67': {same:.3f} with every a_c > 0, {free:.3f} with free signs")
+    if args.over_time:
+        return over_time(by_seed, goal, f"wide{args.size}_delta")
     print("| seed | final | share | rank1 | ceiling | agree | pushed | cos0 |\n|---|---|---|---|---|---|---|---|")
     finals, fractions = [], []
     for seed, rows in sorted(by_seed.items()):

@@ -122,6 +122,20 @@ def test_the_rank_one_look_at_a_patch_change(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert f"| 0 | {look['accuracy']:.2f} | 1.00 |" in proc.stdout
+    # --over-time: the means over seeds at each eval (seed 0's row above is at iteration 40, from rows_with); seed 1
+    # has the sign-flipped change there, and a row without an eval
+    flipped = rank_one(-np.outer(d, a), goal)
+    with path.open("a") as f:
+        f.write("\n" + json.dumps({"seed": 1, "iteration": 40, "wide512_delta": (-np.outer(d, a)).tolist()}))
+        f.write("\n" + json.dumps({"seed": 1, "iteration": 3}))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "patch_rank.py"), "--over-time", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("| 40 |")]
+    mean = (look["accuracy"] + flipped["accuracy"]) / 2
+    assert lines == [f"| 40 | 2 | {mean:.3f} | 1.000 | {(look['rank1'] + flipped['rank1']) / 2:.3f} | "
+                     f"{look['ceiling']:.3f} | {(look['agree'] + flipped['agree']) / 2:.3f} |"]
+    assert "| 3 |" not in proc.stdout and mean < look["accuracy"]
 
 
 def test_policy_study_records_each_reward_groups_patch_change():
