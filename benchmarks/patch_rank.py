@@ -12,8 +12,9 @@ prints, per seed, the SVD look of RESULTS-reproduce §7f at the last fresh eval:
   change needs (d oriented so that the most written token moves along +d; ties are left out);
 - cos0: |cos| between the first fresh eval's d and the last's (near 1: d is the target's, not the run's).
 
-`--over-time` prints instead, at each fresh eval's iteration, the means over seeds of accuracy, share, rank1,
-ceiling and agree: whether a run gains by fixing its column signs (agree rises) or by moving d (ceiling rises).
+`--over-time` prints instead, per run label and at each fresh eval's iteration, the means over seeds of accuracy,
+share, rank1, ceiling and agree: whether a run gains by fixing its column signs (agree rises) or by moving d
+(ceiling rises); `--plot FILE` draws accuracy and ceiling against the iteration.
 
     .venv/bin/python benchmarks/patch_rank.py /tmp/runs.jsonl --size 512
 """
@@ -72,18 +73,39 @@ def pushed(look: dict, rows: list[dict]) -> tuple[int, int]:
     return good, total
 
 
-def over_time(by_seed: dict, goal: np.ndarray, key: str) -> int:
-    """Print the means over seeds of the rank-one look at each iteration that has a fresh eval."""
+def over_time(rows: list[dict], goal: np.ndarray, key: str, plot: str | None = None) -> int:
+    """Print, per run label, the means over seeds of the rank-one look at each iteration that has a fresh eval;
+    with `plot`, also draw accuracy and ceiling against the iteration, one colour per label."""
     looks = defaultdict(list)
-    for rows in by_seed.values():
-        for row in rows:
-            if key in row:
-                looks[row["iteration"]].append(rank_one(np.array(row[key]), goal))
+    for row in rows:
+        if key in row:
+            looks[row.get("label", ""), row["iteration"]].append(rank_one(np.array(row[key]), goal))
     names = ("accuracy", "share", "rank1", "ceiling", "agree")
-    print("| iteration | seeds | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names))
-    for iteration, group in sorted(looks.items()):
-        means = " | ".join(f"{np.mean([look[n] for look in group]):.3f}" for n in names)
-        print(f"| {iteration} | {len(group)} | {means} |")
+    print("| label | iteration | seeds | " + " | ".join(names) + " |\n|---|---|---|" + "---|" * len(names))
+    curves = defaultdict(list)
+    for (label, iteration), group in sorted(looks.items()):
+        means = {n: float(np.mean([look[n] for look in group])) for n in names}
+        curves[label].append((iteration, means))
+        print(f"| {label} | {iteration} | {len(group)} | " + " | ".join(f"{means[n]:.3f}" for n in names) + " |")
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for i, (label, points) in enumerate(sorted(curves.items())):
+            its = [it for it, _ in points]
+            ax.plot(its, [m["accuracy"] for _, m in points], color=f"C{i}", marker="o", label=f"{label} accuracy")
+            ax.plot(its, [m["ceiling"] for _, m in points], color=f"C{i}", linestyle="--",
+                    label=f"{label} ceiling of d")
+        ax.axhline(rank_one_ceilings(goal)[1], color="grey", linewidth=0.8, label="best rank-one change")
+        ax.set_xlabel("outer iteration")
+        ax.set_ylabel("pixel accuracy (mean over seeds)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+        print(f"plot: {plot}")
     return 0
 
 
@@ -94,18 +116,18 @@ def main() -> int:
     ap.add_argument("rows", nargs="+")
     ap.add_argument("--size", type=int, default=512, help="the fresh eval's size (wide<size>_delta)")
     ap.add_argument("--from", dest="start", type=int, default=30, help="first iteration of the advantage means")
-    ap.add_argument("--over-time", action="store_true", help="means over seeds at each fresh eval, not the last eval")
+    ap.add_argument("--over-time", action="store_true", help="means over seeds at each fresh eval, per run label")
+    ap.add_argument("--plot", help="with --over-time: a PNG of accuracy and ceiling against the iteration")
     args = ap.parse_args()
     goal = np.array(IMAGE_67)
+    rows = [json.loads(line) for path in args.rows for line in open(path)]
     by_seed = defaultdict(list)
-    for path in args.rows:
-        for line in open(path):
-            row = json.loads(line)
-            by_seed[row["seed"]].append(row)
+    for row in rows:
+        by_seed[row["seed"]].append(row)
     same, free = rank_one_ceilings(goal)
     print(f"rank-one ceilings of '67': {same:.3f} with every a_c > 0, {free:.3f} with free signs")
     if args.over_time:
-        return over_time(by_seed, goal, f"wide{args.size}_delta")
+        return over_time(rows, goal, f"wide{args.size}_delta", args.plot)
     print("| seed | final | share | rank1 | ceiling | agree | pushed | cos0 |\n|---|---|---|---|---|---|---|---|")
     finals, fractions = [], []
     for seed, rows in sorted(by_seed.items()):

@@ -82,7 +82,8 @@ def test_the_frequency_cone_directions_sum_to_the_head_rows_gradient():
 def test_the_rank_one_look_at_a_patch_change(tmp_path):
     """benchmarks/patch_rank.py: a change that is exactly d aᵀ is all one direction, its signs are read per pixel
     and per column, the rank-one ceilings of '67' are those of a brute force over every sign pattern, and the
-    script reads policy_study rows; the ceiling along the run's own d is the best over every column sign."""
+    script reads policy_study rows; the ceiling along the run's own d is the best over every column sign;
+    --over-time averages over seeds per run label and iteration, and draws the curves."""
     import itertools
 
     import numpy as np
@@ -128,14 +129,22 @@ def test_the_rank_one_look_at_a_patch_change(tmp_path):
     with path.open("a") as f:
         f.write("\n" + json.dumps({"seed": 1, "iteration": 40, "wide512_delta": (-np.outer(d, a)).tolist()}))
         f.write("\n" + json.dumps({"seed": 1, "iteration": 3}))
+    plot = tmp_path / "over-time.png"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "patch_rank.py"), "--over-time", str(path),
+                           "--plot", str(plot)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("|  | 40 |")]
+    mean = (look["accuracy"] + flipped["accuracy"]) / 2
+    assert lines == [f"|  | 40 | 2 | {mean:.3f} | 1.000 | {(look['rank1'] + flipped['rank1']) / 2:.3f} | "
+                     f"{look['ceiling']:.3f} | {(look['agree'] + flipped['agree']) / 2:.3f} |"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 3 |" not in proc.stdout and mean < look["accuracy"]
+    # rows of another label are their own line
+    with path.open("a") as f:
+        f.write("\n" + json.dumps({"label": "x", "seed": 0, "iteration": 40, "wide512_delta": np.outer(d, a).tolist()}))
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "patch_rank.py"), "--over-time", str(path)],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("| 40 |")]
-    mean = (look["accuracy"] + flipped["accuracy"]) / 2
-    assert lines == [f"| 40 | 2 | {mean:.3f} | 1.000 | {(look['rank1'] + flipped['rank1']) / 2:.3f} | "
-                     f"{look['ceiling']:.3f} | {(look['agree'] + flipped['agree']) / 2:.3f} |"]
-    assert "| 3 |" not in proc.stdout and mean < look["accuracy"]
+    assert f"| x | 40 | 1 | {look['accuracy']:.3f} |" in proc.stdout and lines[0] in proc.stdout
 
 
 def test_policy_study_records_each_reward_groups_patch_change():
