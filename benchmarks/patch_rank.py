@@ -121,22 +121,23 @@ def main() -> int:
     args = ap.parse_args()
     goal = np.array(IMAGE_67)
     rows = [json.loads(line) for path in args.rows for line in open(path)]
-    by_seed = defaultdict(list)
-    for row in rows:
-        by_seed[row["seed"]].append(row)
+    key = f"wide{args.size}_delta"
     same, free = rank_one_ceilings(goal)
     print(f"rank-one ceilings of '67': {same:.3f} with every a_c > 0, {free:.3f} with free signs")
     if args.over_time:
-        return over_time(rows, goal, f"wide{args.size}_delta", args.plot)
+        return over_time(rows, goal, key, args.plot)
+    by_seed = defaultdict(list)
+    for row in rows:
+        by_seed[row["seed"]].append(row)
     print("| seed | final | share | rank1 | ceiling | agree | pushed | cos0 |\n|---|---|---|---|---|---|---|---|")
     finals, fractions = [], []
-    for seed, rows in sorted(by_seed.items()):
-        evals = [r for r in rows if f"wide{args.size}_delta" in r]
+    for seed, seed_rows in sorted(by_seed.items()):
+        evals = [r for r in seed_rows if key in r]
         if not evals:
             continue
-        look = rank_one(np.array(evals[-1][f"wide{args.size}_delta"]), goal)
-        cos0 = abs(float(rank_one(np.array(evals[0][f"wide{args.size}_delta"]), goal)["d"] @ look["d"]))
-        good, total = pushed(look, [r for r in rows if r["iteration"] >= args.start])
+        look = rank_one(np.array(evals[-1][key]), goal)
+        cos0 = abs(float(rank_one(np.array(evals[0][key]), goal)["d"] @ look["d"]))
+        good, total = pushed(look, [r for r in seed_rows if r["iteration"] >= args.start])
         finals.append(look["accuracy"])
         fractions.append(good / total if total else float("nan"))
         print(f"| {seed} | {look['accuracy']:.2f} | {look['share']:.2f} | {look['rank1']:.2f} | "
