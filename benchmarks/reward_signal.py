@@ -23,6 +23,12 @@ batches (no reward of its own batch is used). A gain there is what a policy that
 could get at best.
 
     .venv/bin/python benchmarks/reward_signal.py experiments/pattern-67.yaml --batches 30 --consistency
+
+With `--consistency` it also splits that credit into what the token is and where it stands: the share of the
+credit's variance that the token id explains, and the split-half correlation, over (previous token, token) pairs
+seen >= 3 times in both halves, of the mean residual credit (credit minus its token's mean in that half). Near 0,
+the credit has no learnable context part at the bigram level: a policy can learn which tokens to write, not where.
+Both are printed for all completion tokens and for the target's own tokens (a pattern's patch columns).
 """
 
 from __future__ import annotations
@@ -60,11 +66,43 @@ def rewards_of(cfg, rollouts, target_model, target_tokenizer, target) -> tuple[d
     return taus, credit
 
 
-def token_credit(cfg, rollouts, *target_parts) -> list[tuple[int, float]]:
-    """(token id, credit in units of the batch's tau std) for every completion token of one batch (token credit)."""
+def token_credit(cfg, rollouts, *target_parts) -> list[tuple[int, int, float]]:
+    """(previous token id, token id, credit in units of the batch's tau std) for every completion token of one
+    batch (token credit); the first completion token's previous id is -1."""
     taus, credit = rewards_of(cfg, rollouts, *target_parts)
     scale = statistics.pstdev([t for t in taus.values() if math.isfinite(t)]) or 1.0
-    return [(token, c / scale) for r in rollouts for token, c in zip(r.token_ids, credit.get(r.example_id, []))]
+    return [(prev, token, c / scale) for r in rollouts
+            for prev, token, c in zip([-1, *r.token_ids], r.token_ids, credit.get(r.example_id, []))]
+
+
+def context_split(halves: list[list[tuple[int, int, float]]], min_count: int = 3) -> dict:
+    """What a token's credit owes to its id and to its context. `halves`: two lists of (previous id, id, credit).
+    identity_share: the share of the credit's variance (both halves) explained by the token id's mean;
+    context_r: the Pearson correlation between the halves of the mean residual (credit minus the token's mean in
+    the same half) per (previous id, id) pair seen >= `min_count` times in each half (NaN with fewer than 3 pairs)."""
+    import numpy as np
+
+    rows = [row for half in halves for row in half]
+    credit = np.array([c for _, _, c in rows], dtype=np.float64)
+    by_token: dict = {}
+    for _, t, c in rows:
+        by_token.setdefault(t, []).append(c)
+    mean = {t: float(np.mean(v)) for t, v in by_token.items()}
+    fitted = np.array([mean[t] for _, t, _ in rows])
+    total = float(((credit - credit.mean()) ** 2).sum())
+    share = float(((fitted - credit.mean()) ** 2).sum() / total) if total > 0 else float("nan")
+    pairs = [{}, {}]
+    for h, half in enumerate(halves):  # each half centred on its own token means, so noise leaves r at 0
+        own: dict = {}
+        for _, t, c in half:
+            own.setdefault(t, []).append(c)
+        for p, t, c in half:
+            pairs[h].setdefault((p, t), []).append(c - float(np.mean(own[t])))
+    keys = [k for k in pairs[0] if len(pairs[0][k]) >= min_count and len(pairs[1].get(k, [])) >= min_count]
+    x = np.array([[np.mean(pairs[0][k]), np.mean(pairs[1][k])] for k in keys]).reshape(-1, 2)
+    spread = x.std(0).min() if len(keys) else 0.0  # a residual at rounding level has nothing to correlate
+    r = float(np.corrcoef(x.T)[0, 1]) if len(keys) > 2 and spread > 1e-9 * credit.std() else float("nan")
+    return {"identity_share": share, "context_r": r, "pairs": len(keys), "tokens": len(rows)}
 
 
 def select(cfg, rollouts, score, rng, picks, metric, target_model, target_tokenizer, target) -> str:
@@ -140,11 +178,12 @@ def consistency(args) -> int:
     cfg = load_config(args.config, [*args.set, "rewards.credit=token"])
     generator, tokenizer, *target_parts = setup(cfg)
     halves = [defaultdict(list), defaultdict(list)]
-    held_out = []
+    rows, held_out = [[], []], []
     for it in range(args.batches):
         rollouts = loop.sample(cfg, it, generator, tokenizer, "base")
-        for token, c in token_credit(cfg, rollouts, *target_parts):
+        for prev, token, c in token_credit(cfg, rollouts, *target_parts):
             halves[it % 2][token].append(c)
+            rows[it % 2].append((prev, token, c))
         if it % 2:
             held_out.append(rollouts)
     even, odd = halves
@@ -153,6 +192,12 @@ def consistency(args) -> int:
     r = float(torch.corrcoef(x.T)[0, 1]) if len(keys) > 2 else float("nan")
     print(f"{args.config} {' '.join(args.set)}: per-token credit, split-half correlation over {len(keys)} token ids "
           f"({args.batches} batches, sft {cfg.sft.optimizer} lr {cfg.sft.lr}): {r:+.3f}")
+    own = set(target_parts[2].token_ids)  # the generator and target share a vocabulary in the pattern demos
+    for name, keep in (("all tokens", lambda t: True), ("the target's tokens", lambda t: t in own)):
+        split = context_split([[row for row in half if keep(row[1])] for half in rows])
+        print(f"context, {name}: token id explains {split['identity_share']:.3f} of the credit's variance over "
+              f"{split['tokens']} tokens; residual split-half r over {split['pairs']} (previous, token) pairs: "
+              f"{split['context_r']:+.3f}")
     value = {k: statistics.mean(v) for k, v in even.items()}
     rng = random.Random(cfg.seed)
     picks = {"best": [], "random": [], "worst": []}
