@@ -75,6 +75,25 @@ def token_credit(cfg, rollouts, *target_parts) -> list[tuple[int, int, float]]:
             for prev, token, c in zip([-1, *r.token_ids], r.token_ids, credit.get(r.example_id, []))]
 
 
+def grouped(pairs) -> dict:
+    """{key: [values]} of (key, value) pairs."""
+    out: dict = {}
+    for k, v in pairs:
+        out.setdefault(k, []).append(v)
+    return out
+
+
+def split_half_r(first: dict, second: dict, min_count: int = 3, scale: float = 0.0) -> tuple[float, int]:
+    """(Pearson r between the two halves' mean values per key seen >= `min_count` times in each, how many keys);
+    NaN with fewer than 3 keys, or when a half's means spread no more than 1e-9 × `scale` (rounding level)."""
+    import numpy as np
+
+    keys = [k for k in first if len(first[k]) >= min_count and len(second.get(k, [])) >= min_count]
+    x = np.array([[np.mean(first[k]), np.mean(second[k])] for k in keys]).reshape(-1, 2)
+    ok = len(keys) > 2 and x.std(0).min() > 1e-9 * scale
+    return (float(np.corrcoef(x.T)[0, 1]) if ok else float("nan")), len(keys)
+
+
 def context_split(halves: list[list[tuple[int, int, float]]], min_count: int = 3) -> dict:
     """What a token's credit owes to its id and to its context. `halves`: two lists of (previous id, id, credit).
     identity_share: the share of the credit's variance (both halves) explained by the token id's mean;
@@ -84,25 +103,16 @@ def context_split(halves: list[list[tuple[int, int, float]]], min_count: int = 3
 
     rows = [row for half in halves for row in half]
     credit = np.array([c for _, _, c in rows], dtype=np.float64)
-    by_token: dict = {}
-    for _, t, c in rows:
-        by_token.setdefault(t, []).append(c)
-    mean = {t: float(np.mean(v)) for t, v in by_token.items()}
+    mean = {t: float(np.mean(v)) for t, v in grouped((t, c) for _, t, c in rows).items()}
     fitted = np.array([mean[t] for _, t, _ in rows])
     total = float(((credit - credit.mean()) ** 2).sum())
     share = float(((fitted - credit.mean()) ** 2).sum() / total) if total > 0 else float("nan")
-    pairs = [{}, {}]
-    for h, half in enumerate(halves):  # each half centred on its own token means, so noise leaves r at 0
-        own: dict = {}
-        for _, t, c in half:
-            own.setdefault(t, []).append(c)
-        for p, t, c in half:
-            pairs[h].setdefault((p, t), []).append(c - float(np.mean(own[t])))
-    keys = [k for k in pairs[0] if len(pairs[0][k]) >= min_count and len(pairs[1].get(k, [])) >= min_count]
-    x = np.array([[np.mean(pairs[0][k]), np.mean(pairs[1][k])] for k in keys]).reshape(-1, 2)
-    spread = x.std(0).min() if len(keys) else 0.0  # a residual at rounding level has nothing to correlate
-    r = float(np.corrcoef(x.T)[0, 1]) if len(keys) > 2 and spread > 1e-9 * credit.std() else float("nan")
-    return {"identity_share": share, "context_r": r, "pairs": len(keys), "tokens": len(rows)}
+    residuals = []
+    for half in halves:  # each half centred on its own token means, so noise leaves r at 0
+        own = {t: float(np.mean(v)) for t, v in grouped((t, c) for _, t, c in half).items()}
+        residuals.append(grouped(((p, t), c - own[t]) for p, t, c in half))
+    r, n = split_half_r(*residuals, min_count, scale=float(credit.std()) if len(rows) else 0.0)
+    return {"identity_share": share, "context_r": r, "pairs": n, "tokens": len(rows)}
 
 
 def select(cfg, rollouts, score, rng, picks, metric, target_model, target_tokenizer, target) -> str:
@@ -168,29 +178,20 @@ def main() -> int:
 
 
 def consistency(args) -> int:
-    from collections import defaultdict
-
-    import torch
-
     from dpg import loop
     from dpg.runconfig import load_config
 
     cfg = load_config(args.config, [*args.set, "rewards.credit=token"])
     generator, tokenizer, *target_parts = setup(cfg)
-    halves = [defaultdict(list), defaultdict(list)]
-    rows, held_out = [[], []], []
+    rows, held_out = [[], []], []  # (previous id, id, credit) of the even and the odd batches
     for it in range(args.batches):
         rollouts = loop.sample(cfg, it, generator, tokenizer, "base")
-        for prev, token, c in token_credit(cfg, rollouts, *target_parts):
-            halves[it % 2][token].append(c)
-            rows[it % 2].append((prev, token, c))
+        rows[it % 2].extend(token_credit(cfg, rollouts, *target_parts))
         if it % 2:
             held_out.append(rollouts)
-    even, odd = halves
-    keys = [k for k in even if len(even[k]) >= 3 and len(odd.get(k, [])) >= 3]
-    x = torch.tensor([[statistics.mean(even[k]), statistics.mean(odd[k])] for k in keys], dtype=torch.float64)
-    r = float(torch.corrcoef(x.T)[0, 1]) if len(keys) > 2 else float("nan")
-    print(f"{args.config} {' '.join(args.set)}: per-token credit, split-half correlation over {len(keys)} token ids "
+    even, odd = (grouped((t, c) for _, t, c in half) for half in rows)
+    r, n = split_half_r(even, odd)
+    print(f"{args.config} {' '.join(args.set)}: per-token credit, split-half correlation over {n} token ids "
           f"({args.batches} batches, sft {cfg.sft.optimizer} lr {cfg.sft.lr}): {r:+.3f}")
     own = set(target_parts[2].token_ids)  # the generator and target share a vocabulary in the pattern demos
     for name, keep in (("all tokens", lambda t: True), ("the target's tokens", lambda t: t in own)):
