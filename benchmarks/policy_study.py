@@ -28,6 +28,7 @@ and draws) and reports the human metric after the eval's SFT on the first n of t
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -133,6 +134,8 @@ def run(cfg, iterations: int, label: str, out, oracle: int = 0, eval_sizes: list
     generator, tokenizer, *target_parts = setup(cfg)
     base = target_parts[0]
     optimizer = policy_optimizer(generator, cfg.policy)
+    # the KL anchor of a fully fine-tuned generator: a frozen copy of the initial one (LoRA switches adapters off)
+    ref = copy.deepcopy(generator).eval() if cfg.policy.kl_coef > 0 and cfg.generator.lora_rank is None else None
     value = token_values(cfg, oracle, generator, tokenizer, *target_parts) if oracle else None
     start = time.perf_counter()
     for it in range(iterations):
@@ -154,7 +157,7 @@ def run(cfg, iterations: int, label: str, out, oracle: int = 0, eval_sizes: list
             tokens = [t for r in rollouts for t in r.token_ids]
             metrics["token_value"] = sum(value.get(t, 0.0) for t in tokens) / max(len(tokens), 1)
         metrics |= patch_token_advantage(rollouts, rewards, list(target_parts[2].token_ids))
-        stats = loop.update(cfg, generator, optimizer, rollouts, rewards)
+        stats = loop.update(cfg, generator, optimizer, rollouts, rewards, ref)
         row = {"label": label, "seed": cfg.seed, "iteration": it, **metrics,
                **{f"policy_{k}": v for k, v in stats.items()},
                "mean_tokens": sum(len(r.token_ids) for r in rollouts) / len(rollouts),

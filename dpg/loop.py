@@ -325,10 +325,12 @@ def check_flat_batches(cfg: DPGConfig, outer_iteration: int, flat_in_a_row: int)
 
 
 def update(cfg: DPGConfig, generator: nn.Module, optimizer, rollouts: list[Rollout],
-           rewards: list[Reward]) -> dict[str, float]:
+           rewards: list[Reward], ref_model: nn.Module | None = None) -> dict[str, float]:
     """One GRPO update of the generator on this iteration's rollouts and advantages.
 
     A flat batch (`is_flat`) skips it: generator and optimizer are untouched and the stats are {"skipped": 1.0}.
+    `ref_model` is the initial generator of policy.kl_coef's anchor; a LoRA generator needs none (its adapters
+    are switched off for the reference).
     """
     if is_flat(rewards):
         return {"skipped": 1.0}
@@ -340,7 +342,7 @@ def update(cfg: DPGConfig, generator: nn.Module, optimizer, rollouts: list[Rollo
     with seeded(stage_seed(cfg.seed, rollouts[0].outer_iteration, "generator")):
         return policy_update(generator, optimizer, [r.prompt_token_ids for r in rollouts],
                              [r.token_ids for r in rollouts], [torch.tensor(r.logprobs) for r in rollouts],
-                             adv, cfg.policy)
+                             adv, cfg.policy, ref_model)
 
 
 def summary(rewards: list[Reward], runs: list[SFTRun]) -> dict[str, float]:

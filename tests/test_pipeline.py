@@ -226,6 +226,20 @@ def test_token_credit_through_the_flow_sums_to_tau_and_feeds_the_update(prefect_
 
 
 @pytest.mark.usefixtures("one_thread")
+def test_a_kl_anchor_on_a_fully_fine_tuned_generator_is_measured_against_the_initial_generator(
+        prefect_harness, tiny_generator_dir, texts_file, tmp_path):
+    from flows.optimize import optimize
+
+    cfg = tiny_config(tiny_generator_dir, texts_file, str(tmp_path), f"sqlite:///{tmp_path}/m.db",
+                      **{"generator.lora_rank": "null", "policy.kl_coef": 0.1})
+    assert cfg.generator.lora_rank is None
+    optimize(cfg)  # without a reference model the update raised "policy.kl_coef=0.1 needs the initial generator"
+    first, second = (metrics_of(cfg, it, "generator")["stats"] for it in (0, 1))
+    assert first["kl"] == 0.0  # iteration 0 samples from the initial generator itself
+    assert second["kl"] > 0.0  # iteration 1's generator has moved away from it
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_two_runs_with_lora_write_identical_stages_and_leave_the_global_rng_alone(
         prefect_harness, tiny_generator_dir, texts_file, tmp_path):
     import torch
