@@ -134,8 +134,7 @@ def run(cfg, iterations: int, label: str, out, oracle: int = 0, eval_sizes: list
     generator, tokenizer, *target_parts = setup(cfg)
     base = target_parts[0]
     optimizer = policy_optimizer(generator, cfg.policy)
-    # the KL anchor of a fully fine-tuned generator: a frozen copy of the initial one (LoRA switches adapters off)
-    ref = copy.deepcopy(generator).eval() if cfg.policy.kl_coef > 0 and cfg.generator.lora_rank is None else None
+    ref = copy.deepcopy(generator).eval() if loop.needs_reference(cfg) else None  # the KL anchor: a frozen copy
     value = token_values(cfg, oracle, generator, tokenizer, *target_parts) if oracle else None
     start = time.perf_counter()
     for it in range(iterations):

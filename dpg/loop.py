@@ -324,13 +324,18 @@ def check_flat_batches(cfg: DPGConfig, outer_iteration: int, flat_in_a_row: int)
                        "moves the target, or start a run with a larger rewards.max_flat_batches")
 
 
+def needs_reference(cfg: DPGConfig) -> bool:
+    """Whether `update` needs the initial generator as ref_model: policy.kl_coef > 0 on a fully fine-tuned
+    generator (a LoRA generator is its own reference, with its adapters switched off)."""
+    return cfg.policy.kl_coef > 0 and cfg.generator.lora_rank is None
+
+
 def update(cfg: DPGConfig, generator: nn.Module, optimizer, rollouts: list[Rollout],
            rewards: list[Reward], ref_model: nn.Module | None = None) -> dict[str, float]:
     """One GRPO update of the generator on this iteration's rollouts and advantages.
 
     A flat batch (`is_flat`) skips it: generator and optimizer are untouched and the stats are {"skipped": 1.0}.
-    `ref_model` is the initial generator of policy.kl_coef's anchor; a LoRA generator needs none (its adapters
-    are switched off for the reference).
+    `ref_model` is the initial generator of policy.kl_coef's anchor, where `needs_reference(cfg)`.
     """
     if is_flat(rewards):
         return {"skipped": 1.0}

@@ -490,8 +490,7 @@ def update_generator(cfg: DPGConfig, it: int, rollouts_url: str, rewards_url: st
         stats, version = {"skipped": 1.0}, manifest["meta"]["version"]
     else:
         model, _, optimizer, _ = generator_at(cfg, it)
-        # a fully fine-tuned generator's KL anchor is the initial generator (a LoRA one switches its adapters off)
-        ref = base_generator(cfg)[0].eval() if cfg.policy.kl_coef > 0 and cfg.generator.lora_rank is None else None
+        ref = base_generator(cfg)[0].eval() if loop.needs_reference(cfg) else None  # the KL anchor's initial generator
         # the update's draws (if any) and the RNG state saved with the policy: a function of the run, not the process
         with seeded(loop.stage_seed(cfg.seed, it, "generator")), tempfile.TemporaryDirectory() as tmp:
             stats = loop.update(cfg, model, optimizer, rollouts, rewards, ref)  # {"skipped": 1.0} for a flat batch
