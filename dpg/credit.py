@@ -14,6 +14,11 @@ advantage of token j is R_ij minus the mean R at position j over the other rollo
 the same prompt (a leave-one-out baseline; a rollout that ended before j counts as 0, as it earns nothing
 more), divided by the batch's std of these differences: the token-level form of the group-normalised
 sequence advantage (dpg.advantages).
+
+`token-context` keeps only where a token stands, not what it is: R_ij = c_ij as for `token-own`, and after the
+leave-one-out baseline each token also loses the batch mean of those differences over every token with its id
+(a token whose id occurs once in the batch gets 0). What a token id is worth on average, the part that makes a
+policy write more of the patch tokens (RESULTS-reproduce.md §7j), is then no signal; only its contexts are.
 """
 
 from __future__ import annotations
@@ -62,9 +67,10 @@ def reward_to_go(credit: Tensor) -> Tensor:
     return credit.flip(0).cumsum(0).flip(0)
 
 
-def token_advantages(rollouts: list[Rollout], returns: dict[str, Tensor], eps_fraction: float = 1e-3
-                     ) -> tuple[dict[str, Tensor], float]:
-    """({example_id: (L_i,) float64 advantages}, scale) from per-token returns R_ij (module docstring).
+def token_advantages(rollouts: list[Rollout], returns: dict[str, Tensor], eps_fraction: float = 1e-3,
+                     context_only: bool = False) -> tuple[dict[str, Tensor], float]:
+    """({example_id: (L_i,) float64 advantages}, scale) from per-token returns R_ij (module docstring);
+    `context_only` also takes each token id's batch mean out (rewards.credit=token-context).
 
     Rollouts without an entry in `returns` (e.g. empty completions) get zeros. scale is the std of the
     centred returns over all tokens (0.0 when they are all equal: every advantage is then 0).
@@ -87,6 +93,14 @@ def token_advantages(rollouts: list[Rollout], returns: dict[str, Tensor], eps_fr
             count = others.sum(0)
             baseline = torch.where(count > 0, (padded * others).sum(0) / count.clamp(min=1), 0.0)
             centred[r.example_id] = returns[r.example_id] - baseline[:len(returns[r.example_id])]
+    if context_only and centred:
+        ids = {r.example_id: torch.tensor(r.token_ids[:len(centred[r.example_id])]) for r in rollouts
+               if r.example_id in centred}
+        all_ids, all_values = torch.cat(list(ids.values())), torch.cat([centred[k] for k in ids])
+        sums = torch.zeros(int(all_ids.max()) + 1, dtype=torch.float64).index_add_(0, all_ids, all_values)
+        counts = torch.zeros_like(sums).index_add_(0, all_ids, torch.ones_like(all_values))
+        means = sums / counts.clamp(min=1)
+        centred = {k: v - means[ids[k]] for k, v in centred.items()}
     values = torch.cat(list(centred.values())) if centred else torch.zeros(0, dtype=torch.float64)
     scale = float(values.std(unbiased=False)) if values.numel() > 1 else 0.0
     out = {}

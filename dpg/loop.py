@@ -152,7 +152,7 @@ def group_rewards(cfg: DPGConfig, rollouts: list[Rollout], group: int, target_mo
                   target, progress: Progress | None = None, process_group=None
                   ) -> tuple[dict[str, float], SFTRun | None, dict[str, list[float]]]:
     """Raw rewards {example_id: tau} of one SFT group's rollouts, its SFT run (None for text rewards), and,
-    with token credit (rewards.credit token / token-own), each rollout's per-generator-token credit
+    with token credit (rewards.credit token / token-own / token-context), each rollout's per-generator-token credit
     {example_id: [c_ij]} ({} otherwise; sum_j c_ij = tau_i up to truncation at sft.max_len, see dpg.credit).
 
     Every member gets an entry. SFT rewards: an empty completion keeps its SFT slot as a one-token row that
@@ -271,7 +271,7 @@ def advantages(cfg: DPGConfig, rollouts: list[Rollout], taus: dict[str, float],
                ) -> list[Reward]:
     """Group-normalised advantages (groups = the rollouts of one prompt), one Reward record per rollout.
 
-    With per-token `credit` (rewards.credit token / token-own) each record also gets `token_advantages`
+    With per-token `credit` (rewards.credit token / token-own / token-context) each record also gets `token_advantages`
     (dpg.credit.token_advantages of the credit itself or of its reward-to-go), which the update then uses in
     place of `advantage`. `target_tokens` ({example_id: dpg.generator.target_rows length}) fills each record's
     `target_tokens`, the real target tokens the SFT saw (-1 where it is not given).
@@ -302,7 +302,8 @@ def advantages(cfg: DPGConfig, rollouts: list[Rollout], taus: dict[str, float],
     if credit and scale > 0.0:
         to_go = reward_to_go if cfg.rewards.credit == "token" else (lambda c: c)
         returns = {k: to_go(torch.tensor(v, dtype=torch.float64)) for k, v in credit.items()}
-        per_token, _ = token_advantages(rollouts, returns, cfg.rewards.eps_fraction)
+        per_token, _ = token_advantages(rollouts, returns, cfg.rewards.eps_fraction,
+                                        context_only=cfg.rewards.credit == "token-context")
     return [Reward(r.example_id, r.outer_iteration, r.group_id, cfg.rewards.name, taus[r.example_id], scale,
                    by_id.get(r.example_id, 0.0), target_tokens=int((target_tokens or {}).get(r.example_id, -1)),
                    empty=is_empty(r),

@@ -151,7 +151,8 @@ class RewardConfig:
     credit: str = "sequence"
     """`sequence`: every token of a rollout gets its advantage. With per-token metagradients (name dpg only,
     dpg.credit): `token`, each generator token is credited with its reward-to-go (its own share of tau plus
-    every later token's); `token-own`, with its own share only (the loss terms of the target tokens it wrote)."""
+    every later token's); `token-own`, with its own share only (the loss terms of the target tokens it wrote);
+    `token-context`, as token-own less the batch mean of its token id: only where a token stands is rewarded."""
 
     def __post_init__(self) -> None:
         _require(_real(self.eps_fraction) and self.eps_fraction > 0, "eps_fraction", self.eps_fraction,
@@ -254,7 +255,7 @@ def _text(x: Any, optional: bool = False) -> bool:
 SECTIONS = {"target": TargetConfig, "generator": GeneratorConfig, "prompts": PromptConfig,
             "rollouts": RolloutConfig, "sft": SFTConfig, "rewards": RewardConfig, "policy": PolicyConfig,
             "storage": StorageConfig, "tracking": TrackingConfig, "execution": ExecutionConfig}
-CREDITS = ("sequence", "token", "token-own")
+CREDITS = ("sequence", "token", "token-own", "token-context")
 NOT_IDENTITY = ("outer_iterations", "storage", "tracking", "execution")
 
 

@@ -51,6 +51,16 @@ def test_token_credit_of_a_real_toy_run_sums_to_tau_and_reaches_the_advantages()
     rewards = loop.advantages(cfg, rollouts, taus, credit)
     assert all(len(w.token_advantages) == len(r.token_ids) for w, r in zip(rewards, rollouts))
     assert any(a != 0 for w in rewards for a in w.token_advantages)
+    # token-context: the same credit, less each token id's batch mean (own credit, not reward-to-go)
+    own = loop.advantages(load_config(None, [*TOY, "rewards.credit=token-own"]), rollouts, taus, credit)
+    context = loop.advantages(load_config(None, [*TOY, "rewards.credit=token-context"]), rollouts, taus, credit)
+    per_id: dict[int, list[float]] = {}
+    for w, r in zip(context, rollouts):
+        for t, a in zip(r.token_ids, w.token_advantages):
+            per_id.setdefault(t, []).append(a)
+    assert all(abs(math.fsum(v)) < 1e-9 for v in per_id.values())
+    assert any(a != b for w, v in zip(own, context) for a, b in zip(w.token_advantages, v.token_advantages))
+    assert any(a != 0 for w in context for a in w.token_advantages)
 
 
 def test_credit_moves_across_tokenisations_by_characters():
@@ -88,6 +98,20 @@ def test_token_advantages_use_a_leave_one_out_baseline_per_position():
         assert adv[k].tolist() == pytest.approx((torch.tensor(v) / scale).tolist())
     same, zero = token_advantages(rollouts, {k: torch.ones(2) for k in credit})  # equal returns: no signal
     assert zero == 0.0 and all((a == 0).all() for a in same.values())
+
+
+def test_context_only_token_advantages_take_out_each_token_ids_batch_mean():
+    ids = {"0-0-0": [5, 6], "0-0-1": [5, 6, 7], "0-0-2": [8]}
+    rollouts = [Rollout(k, 0, 0, n, n, "p", "x", [1], v, [0.0] * len(v), "length", "v")
+                for n, (k, v) in enumerate(ids.items())]
+    returns = {"0-0-0": [1.0, 2.0], "0-0-1": [0.0, 0.0, 3.0], "0-0-2": [6.0]}
+    returns = {k: reward_to_go(torch.tensor(v, dtype=torch.float64)) for k, v in returns.items()}
+    adv, scale = token_advantages(rollouts, returns, eps_fraction=0.0, context_only=True)
+    # leave-one-out: [-1.5, -1], [-1.5, 1, 3], [3]; id 5 has mean -1.5, id 6 mean 0, ids 7 and 8 occur once
+    raw = {"0-0-0": [0.0, -1.0], "0-0-1": [0.0, 1.0, 0.0], "0-0-2": [0.0]}
+    assert scale == pytest.approx(math.sqrt(2 / 6))
+    for k, v in raw.items():
+        assert adv[k].tolist() == pytest.approx((torch.tensor(v) / scale).tolist())
 
 
 def test_per_token_advantages_equal_to_the_sequence_advantage_give_the_sequence_loss():
