@@ -2,9 +2,10 @@
 
 Each cell (demo, method, seed) is `python -m flows.cli run <demo config> --set ...` with the run's seed `seed`
 (every stage seed derives from it), `outer_iterations=--iterations`, `storage.url=<out>/runs`, the method's
-overrides from `DEMOS`, then every `--set`. Cells run one after another. dpg runs resume (every finished stage
-is skipped), so a killed grid continues where it stopped when the same command runs again, and a cell whose run
-is complete costs only a look at its last report stage. Each cell's output goes to `<out>/logs/<cell>.log`.
+overrides from `DEMOS`, then every `--set`. Cells run one after another, or `--jobs N` at a time (each is a
+process: `--jobs 2` with `OMP_NUM_THREADS=1` on a 2-core machine). dpg runs resume (every finished stage is
+skipped), so a killed grid continues where it stopped when the same command runs again, and a cell whose run is
+complete costs only a look at its last report stage. Each cell's output goes to `<out>/logs/<cell>.log`.
 
 Outputs, rebuilt from the store after the grid (or alone with `--report-only`):
 
@@ -193,13 +194,20 @@ def run_cell(command: list[str], log: Path, prefect_home: Path) -> tuple[int, st
         return proc.wait(), last, run_id
 
 
-def run_grid(cells: list[tuple], out: Path, ledger: dict, save) -> int:
-    """Run the cells in order with one progress line each, `save()` after each run; returns how many failed."""
+def run_grid(cells: list[tuple], out: Path, ledger: dict, save, jobs: int = 1) -> int:
+    """Run the cells, `jobs` at a time (in order when 1), with one progress line each as a cell ends, `save()`
+    after each run; returns how many failed."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     from tasks import io
     from tasks.stages import run_url
 
-    start, ran, failed = time.perf_counter(), [], 0
-    for k, (demo, method, seed, config_file, overrides) in enumerate(cells, 1):
+    start, ran, done, failed, lock = time.perf_counter(), [], 0, 0, threading.Lock()
+
+    def one(cell: tuple) -> None:
+        nonlocal done, failed
+        demo, method, seed, config_file, overrides = cell
         name, t0 = cell_name(demo, method, seed), time.perf_counter()
         cfg = cell_config(config_file, overrides)
         if cell_complete(cfg):
@@ -208,16 +216,23 @@ def run_grid(cells: list[tuple], out: Path, ledger: dict, save) -> int:
             rc, last, run_id = run_cell(cell_command(config_file, overrides), out / "logs" / f"{name}.log",
                                         out / "prefect")
             seconds = time.perf_counter() - t0
-            ran.append(seconds)
-            entry = ledger.setdefault(name, {"seconds": 0.0})
             run = io.join(cfg.storage.url, run_id) if run_id else run_url(cfg)  # the child's, should the code differ
-            entry |= {"seconds": entry["seconds"] + seconds, "rc": rc, "run": run}
             status = f"ran {seconds:.0f} s" if rc == 0 else f"FAILED (exit {rc}): {last}"
-            failed += rc != 0
-            save()
-        elapsed = time.perf_counter() - start
-        eta = f"{sum(ran) / len(ran) * (len(cells) - k):.0f} s" if ran else "?"
-        print(f"cell {k}/{len(cells)} {name}: {status}; elapsed {elapsed:.0f} s, ETA {eta}", flush=True)
+            with lock:
+                ran.append(seconds)
+                entry = ledger.setdefault(name, {"seconds": 0.0})
+                entry |= {"seconds": entry["seconds"] + seconds, "rc": rc, "run": run}
+                failed += rc != 0
+                save()
+        with lock:
+            done += 1
+            elapsed = time.perf_counter() - start
+            eta = f"{sum(ran) / len(ran) * (len(cells) - done) / jobs:.0f} s" if ran else "?"
+            print(f"cell {done}/{len(cells)} {name}: {status}; elapsed {elapsed:.0f} s, ETA {eta}", flush=True)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in [pool.submit(one, cell) for cell in cells]:
+            future.result()
     return failed
 
 
@@ -478,9 +493,14 @@ def main() -> int:
                         help="extra config override for every cell, after the method's (repeatable)")
     parser.add_argument("--config", help="config file instead of the demo's (for trials; one demo only)")
     parser.add_argument("--report-only", action="store_true", help="rebuild csv/md/plots from the store, run nothing")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="cells run at a time, each a process (default 1; e.g. 2 on a 2-core machine with "
+                        "OMP_NUM_THREADS=1)")
     args = parser.parse_args()
     if args.config and len(args.demo) > 1:
         parser.error("--config replaces one demo's file; give a single --demo with it")
+    if args.jobs < 1:
+        parser.error(f"--jobs={args.jobs} is invalid; use an integer >= 1")
     if args.iterations < 1:
         parser.error(f"--iterations={args.iterations} is invalid; use an integer >= 1")
     args.out = args.out.resolve()
@@ -502,7 +522,7 @@ def main() -> int:
             tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))
             os.replace(tmp, ledger_file)
         save()
-        failed = run_grid(cells, args.out, ledger.setdefault("cells", {}), save)
+        failed = run_grid(cells, args.out, ledger.setdefault("cells", {}), save, args.jobs)
 
     import pandas as pd
 

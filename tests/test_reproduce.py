@@ -1,6 +1,8 @@
-"""The pure parts of benchmarks/reproduce.py: the cell command, the registry, the method table and its verdicts."""
+"""benchmarks/reproduce.py: the cell command, the registry, the method table and its verdicts (pure parts), and a
+real two-cell grid run side by side, then resumed."""
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +107,21 @@ def test_commands_of_reads_old_and_new_ledgers():
     assert reproduce.commands_of({}) == []
     assert reproduce.commands_of({"command": "a"}) == ["a"]
     assert reproduce.commands_of({"commands": ["a", "b"], "command": "c"}) == ["a", "b"]
+
+
+def test_a_grid_runs_cells_side_by_side_and_a_second_run_skips_them(tmp_path):
+    tiny = ["generator.toy={corpora: [wiki-vital], vocab: 64, hidden: 32, layers: 1}", "target.tiny_hidden=32",
+            "target.tiny_layers=1", "target.tiny_pretrain_steps=0", "prompts.per_iteration=2",
+            "rollouts.n_rollouts=2", "rollouts.max_new_tokens=6", "sft.max_len=10"]
+    command = [sys.executable, str(PATH), "--demo", "67", "--methods", "dpg", "random", "--seeds", "0",
+               "--iterations", "1", "--jobs", "2", "--out", str(tmp_path), *[a for t in tiny for a in ("--set", t)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert sorted(line.split(":")[0].split()[-1] for line in first.stdout.splitlines() if " ran " in line) == [
+        "67-dpg-s0", "67-random-s0"]
+    rows = pd.read_csv(tmp_path / "results.csv")
+    assert sorted(zip(rows["method"], rows["iteration"])) == [("dpg", 0), ("random", 0)]
+    assert (tmp_path / "67.png").is_file()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0 and again.stdout.count("complete (skipped)") == 2, again.stdout + again.stderr
