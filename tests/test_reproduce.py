@@ -112,7 +112,8 @@ def test_commands_of_reads_old_and_new_ledgers():
 def test_a_grid_runs_cells_side_by_side_and_a_second_run_skips_them(tmp_path):
     tiny = ["generator.toy={corpora: [wiki-vital], vocab: 64, hidden: 32, layers: 1}", "target.tiny_hidden=32",
             "target.tiny_layers=1", "target.tiny_pretrain_steps=0", "prompts.per_iteration=2",
-            "rollouts.n_rollouts=2", "rollouts.max_new_tokens=6", "sft.max_len=10"]
+            "rollouts.n_rollouts=2", "rollouts.max_new_tokens=6", "sft.max_len=10", "target.eval_fresh=0",
+            "policy.epochs=1", "policy.kl_coef=0.0"]
     command = [sys.executable, str(PATH), "--demo", "67", "--methods", "dpg", "random", "--seeds", "0",
                "--iterations", "1", "--jobs", "2", "--out", str(tmp_path), *[a for t in tiny for a in ("--set", t)]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
