@@ -94,8 +94,8 @@ def token_advantages(rollouts: list[Rollout], returns: dict[str, Tensor], eps_fr
             baseline = torch.where(count > 0, (padded * others).sum(0) / count.clamp(min=1), 0.0)
             centred[r.example_id] = returns[r.example_id] - baseline[:len(returns[r.example_id])]
     if context_only and centred:
-        ids = {r.example_id: torch.tensor(r.token_ids[:len(centred[r.example_id])]) for r in rollouts
-               if r.example_id in centred}
+        ids = {r.example_id: torch.tensor(r.token_ids[:len(centred[r.example_id])], dtype=torch.long)
+               for r in rollouts if r.example_id in centred}  # long even for a completion with no tokens
         all_ids, all_values = torch.cat(list(ids.values())), torch.cat([centred[k] for k in ids])
         sums = torch.zeros(int(all_ids.max()) + 1, dtype=torch.float64).index_add_(0, all_ids, all_values)
         counts = torch.zeros_like(sums).index_add_(0, all_ids, torch.ones_like(all_values))

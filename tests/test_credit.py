@@ -101,14 +101,14 @@ def test_token_advantages_use_a_leave_one_out_baseline_per_position():
 
 
 def test_context_only_token_advantages_take_out_each_token_ids_batch_mean():
-    ids = {"0-0-0": [5, 6], "0-0-1": [5, 6, 7], "0-0-2": [8]}
+    ids = {"0-0-0": [5, 6], "0-0-1": [5, 6, 7], "0-0-2": [8], "0-0-3": []}  # the last: a completion with no tokens
     rollouts = [Rollout(k, 0, 0, n, n, "p", "x", [1], v, [0.0] * len(v), "length", "v")
                 for n, (k, v) in enumerate(ids.items())]
-    returns = {"0-0-0": [1.0, 2.0], "0-0-1": [0.0, 0.0, 3.0], "0-0-2": [6.0]}
+    returns = {"0-0-0": [1.0, 2.0], "0-0-1": [0.0, 0.0, 3.0], "0-0-2": [6.0], "0-0-3": []}
     returns = {k: reward_to_go(torch.tensor(v, dtype=torch.float64)) for k, v in returns.items()}
     adv, scale = token_advantages(rollouts, returns, eps_fraction=0.0, context_only=True)
     # leave-one-out: [-1.5, -1], [-1.5, 1, 3], [3]; id 5 has mean -1.5, id 6 mean 0, ids 7 and 8 occur once
-    raw = {"0-0-0": [0.0, -1.0], "0-0-1": [0.0, 1.0, 0.0], "0-0-2": [0.0]}
+    raw = {"0-0-0": [0.0, -1.0], "0-0-1": [0.0, 1.0, 0.0], "0-0-2": [0.0], "0-0-3": []}
     assert scale == pytest.approx(math.sqrt(2 / 6))
     for k, v in raw.items():
         assert adv[k].tolist() == pytest.approx((torch.tensor(v) / scale).tolist())
