@@ -11,6 +11,10 @@ from dpg.exact import float64_llama  # noqa: F401
 
 # The device of the exactness tests: the CPU here and in CI; DPG_TEST_DEVICE=cuda runs them unchanged on a GPU.
 DEVICE = os.environ.get("DPG_TEST_DEVICE", "cpu")
+# experiments/pattern-67.yaml at the lighter settings it had before PK1 became its recipe (RESULTS-reproduce §7l):
+# the run ids stored before then, and a light base for tests of the benchmarks
+PATTERN_67_BEFORE_PK1 = ["rollouts.n_rollouts=4", "rollouts.max_new_tokens=16", "sft.max_len=24", "sft.lr=0.3",
+                         "policy.epochs=1", "policy.kl_coef=0.0", "target.eval_fresh=0", "target.eval_fresh_every=1"]
 
 WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away", "from", "home", "and", "then",
          "came", "back"]

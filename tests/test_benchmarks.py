@@ -9,10 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import PATTERN_67_BEFORE_PK1
+
 ROOT = Path(__file__).resolve().parents[1]
-# experiments/pattern-67.yaml at the lighter settings it had before PK1 became its recipe (RESULTS-reproduce §7l)
-SMALL_67 = ["rollouts.n_rollouts=4", "rollouts.max_new_tokens=16", "sft.max_len=24", "sft.lr=0.3", "policy.epochs=1",
-            "policy.kl_coef=0.0", "target.eval_fresh=0"]
 
 
 def test_the_gpu_benchmark_dry_run_writes_both_tables(tmp_path):
@@ -40,7 +39,7 @@ def test_the_data_ceiling_search_only_keeps_improvements_and_is_seeded():
     from dpg.runconfig import load_config
 
     cfg = load_config(str(ROOT / "experiments" / "pattern-67.yaml"),
-                      [*SMALL_67, "target.tiny_pretrain_steps=20", "prompts.per_iteration=4", "seed=3"])
+                      [*PATTERN_67_BEFORE_PK1, "target.tiny_pretrain_steps=20", "prompts.per_iteration=4", "seed=3"])
     got = [search(cfg, pool_batches=2, pool_kind="generator", batch=8, passes=2, candidates=3, objective="human",
                   orders=2) for _ in range(2)]
     a = got[0]
@@ -162,7 +161,8 @@ def test_policy_study_records_each_reward_groups_patch_change():
     from dpg import loop
     from dpg.runconfig import load_config
 
-    small = [*SMALL_67, "target.tiny_pretrain_steps=0", "prompts.per_iteration=4", "rollouts.max_new_tokens=6"]
+    small = [*PATTERN_67_BEFORE_PK1, "target.tiny_pretrain_steps=0", "prompts.per_iteration=4",
+             "rollouts.max_new_tokens=6"]
     for grouping, groups in (("inverse", 4), ("cross", 1)):
         cfg = load_config(ROOT / "experiments" / "pattern-67.yaml", [*small, f"rollouts.grouping={grouping}"])
         generator, tokenizer, *target_parts = setup(cfg)
@@ -191,7 +191,8 @@ def test_policy_study_reward_lr_and_base_change_the_reward_and_leave_the_evals()
 
     from dpg.runconfig import load_config
 
-    small = [*SMALL_67, "target.tiny_pretrain_steps=0", "prompts.per_iteration=4", "rollouts.max_new_tokens=6"]
+    small = [*PATTERN_67_BEFORE_PK1, "target.tiny_pretrain_steps=0", "prompts.per_iteration=4",
+             "rollouts.max_new_tokens=6"]
     cfg = load_config(ROOT / "experiments" / "pattern-67.yaml", small)
 
     def first_row(**kw):

@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import PATTERN_67_BEFORE_PK1
 
 from dpg import SFTConfig
 from dpg.errors import DPGError
@@ -66,9 +67,8 @@ def test_run_ids_stay_those_that_stored_runs_have():
     before = ["target.options={}", "target.tiny_pretrain_steps=0", "rewards.credit=sequence", "policy.lr=2e-4",
               "rollouts.batch_size=8"]
     assert load_config(None, before).run_id == "dpg-73cafac66214"
-    old_67 = ["rollouts.n_rollouts=4", "rollouts.max_new_tokens=16", "sft.max_len=24", "sft.lr=0.3",
-              "policy.epochs=1", "policy.kl_coef=0.0", "target.eval_fresh=0", "target.eval_fresh_every=1"]
-    assert load_config("experiments/pattern-67.yaml", [*old_67, "seed=3"]).run_id == "pattern-67-c408d24c3a0d"
+    old_67 = load_config("experiments/pattern-67.yaml", [*PATTERN_67_BEFORE_PK1, "seed=3"])
+    assert old_67.run_id == "pattern-67-c408d24c3a0d"
 
 
 def test_a_fixed_tiny_target_seed_keeps_the_target_when_the_run_seed_changes():
